@@ -1,0 +1,46 @@
+# make demo: virtual environment, install, then the whole job on a synthetic sample.
+# make test: the test suite (what CI runs).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_DIR ?= demo_output
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: venv install demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml setup.cfg | $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[test,baseline]"
+	touch $@
+
+venv: $(BIN)/python
+install: $(VENV)/.installed
+
+demo: install
+	rm -rf $(DEMO_DIR)
+	$(BIN)/cxr-make-sample --output_dir=$(DEMO_DIR)/images --num_images=240 --seed=0
+	$(BIN)/cxr-build-tfrecords --input_dir=$(DEMO_DIR)/images --output_dir=$(DEMO_DIR)/records \
+		--image_size=64 --num_shards=2
+	$(BIN)/cxr-verify-tfrecords --data_dir=$(DEMO_DIR)/records
+	$(BIN)/cxr-train --data_dir=$(DEMO_DIR)/records --model_dir=$(DEMO_DIR)/model \
+		--weights=none --image_size=64 --stage=both --frozen_epochs=2 --finetune_epochs=2 \
+		--frozen_batch_size=32 --finetune_batch_size=16 --mixed_precision=auto
+	$(BIN)/cxr-evaluate --model=$(DEMO_DIR)/model/final.keras --data_dir=$(DEMO_DIR)/records \
+		--split=test --output_dir=$(DEMO_DIR)/eval
+	$(BIN)/cxr-predict --model=$(DEMO_DIR)/model/final.keras --output_csv=$(DEMO_DIR)/predictions.csv \
+		$(DEMO_DIR)/images/test
+	$(BIN)/cxr-export --model=$(DEMO_DIR)/model/final.keras --output_dir=$(DEMO_DIR)/export
+	@echo "demo outputs in $(DEMO_DIR)/: records, model, eval/metrics.json, eval/report.md, predictions.csv, export"
+
+test: install
+	$(BIN)/ruff check cxr_tfdata tfrecords_builder tests benchmarks
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check cxr_tfdata tfrecords_builder tests benchmarks
+
+clean:
+	rm -rf $(DEMO_DIR) build dist *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,117 @@
+"""The record schema: feature keys, class names and the manifest, shared by writer and reader.
+
+`tfrecords_builder` writes records through tensorflow-datasets with exactly these
+features; `cxr_tfdata.input_pipeline` parses the same bytes with `PARSE_SPEC`.
+Tests build hand-made records with `serialize_example`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import tensorflow as tf
+
+# Class names come from the Kaggle folder names; the label is the index here.
+CLASS_NAMES: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
+POSITIVE_CLASS = "PNEUMONIA"
+
+# Feature keys, as tensorflow-datasets serializes a flat FeaturesDict.
+IMAGE = "image"  # encoded JPEG or PNG, single channel, image_size x image_size
+LABEL = "label"  # int64 index into CLASS_NAMES
+FILENAME = "filename"  # source file name relative to the split/class folder, e.g. "PNEUMONIA/person1_virus_6.jpeg"
+PATIENT_ID = "patient_id"  # parsed from the file name; the file stem when it cannot be parsed
+ORIGINAL_HEIGHT = "original_height"
+ORIGINAL_WIDTH = "original_width"
+
+PARSE_SPEC: dict[str, tf.io.FixedLenFeature] = {
+    IMAGE: tf.io.FixedLenFeature([], tf.string),
+    LABEL: tf.io.FixedLenFeature([], tf.int64),
+    FILENAME: tf.io.FixedLenFeature([], tf.string, default_value=""),
+    PATIENT_ID: tf.io.FixedLenFeature([], tf.string, default_value=""),
+    ORIGINAL_HEIGHT: tf.io.FixedLenFeature([], tf.int64, default_value=0),
+    ORIGINAL_WIDTH: tf.io.FixedLenFeature([], tf.int64, default_value=0),
+}
+
+MANIFEST_FILENAME = "manifest.json"
+
+
+def serialize_example(
+    encoded_image: bytes,
+    label: int,
+    filename: str = "",
+    patient_id: str = "",
+    original_height: int = 0,
+    original_width: int = 0,
+) -> bytes:
+    """Serializes one record the way tensorflow-datasets writes it (for tests and tools)."""
+
+    def _bytes(value: bytes) -> tf.train.Feature:
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+    def _int(value: int) -> tf.train.Feature:
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+
+    example = tf.train.Example(
+        features=tf.train.Features(
+            feature={
+                IMAGE: _bytes(encoded_image),
+                LABEL: _int(label),
+                FILENAME: _bytes(filename.encode("utf-8")),
+                PATIENT_ID: _bytes(patient_id.encode("utf-8")),
+                ORIGINAL_HEIGHT: _int(original_height),
+                ORIGINAL_WIDTH: _int(original_width),
+            }
+        )
+    )
+    return example.SerializeToString()
+
+
+def read_manifest(data_dir: str) -> dict[str, Any]:
+    """Loads `<data_dir>/manifest.json`, naming the file in the error when it is missing or bad.
+
+    Manifest layout (written by tfrecords_builder):
+      {"format_version": 1,
+       "image_size": 224, "channels": 1, "encoding": "jpeg"|"png",
+       "class_names": ["NORMAL", "PNEUMONIA"],
+       "splits": {"train": {"num_examples": int, "class_counts": {"NORMAL": int, "PNEUMONIA": int},
+                            "num_patients": int, "shard_files": ["relative/path-00000-of-00004", ...]},
+                  "val": {...}, "test": {...}},
+       "flags": {...}, "skipped": [{"path": str, "reason": str}, ...],
+       "duplicates": {...}}
+    Shard paths are relative to data_dir.
+    """
+    path = os.path.join(data_dir, MANIFEST_FILENAME)
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(
+            f"{path} not found: {data_dir!r} is not a dataset built by cxr-build-tfrecords"
+        )
+    try:
+        with tf.io.gfile.GFile(path, "r") as f:
+            manifest = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    for key in ("image_size", "class_names", "splits"):
+        if key not in manifest:
+            raise ValueError(f"{path} has no {key!r} entry")
+    if tuple(manifest["class_names"]) != CLASS_NAMES:
+        raise ValueError(
+            f"{path} names classes {manifest['class_names']}, expected {list(CLASS_NAMES)}"
+        )
+    return manifest
+
+
+def split_info(manifest: dict[str, Any], split: str, data_dir: str = "") -> dict[str, Any]:
+    """Returns one split's manifest entry, listing the splits there are when it is missing."""
+    splits = manifest["splits"]
+    if split not in splits:
+        raise ValueError(
+            f"split {split!r} not in dataset {data_dir or ''}; available splits: {sorted(splits)}"
+        )
+    return splits[split]
+
+
+def shard_paths(data_dir: str, manifest: dict[str, Any], split: str) -> list[str]:
+    """Absolute shard file paths of a split."""
+    return [os.path.join(data_dir, p) for p in split_info(manifest, split, data_dir)["shard_files"]]
