@@ -1,0 +1,183 @@
+"""Decode any source image once, make it 8-bit grayscale at the target size, and encode it.
+
+Resize method: PIL's antialiased bilinear filter (its support widens with the downscale factor)
+applied to a reduced-scale JPEG draft. For JPEG sources, PIL's draft mode lets libjpeg do the
+first power-of-two reduction inside the inverse DCT (scale 1/2, 1/4 or 1/8, never below the
+target size), which skips most of the decode work for 2000+ px radiographs.
+`tf.image.resize(method="bilinear", antialias=True)` approximates the same filter in-graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+
+import numpy as np
+from PIL import Image, ImageOps
+
+ENCODINGS = ("jpeg", "png")
+
+# EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+_EXIF_ORIENTATION_TAG = 0x0112
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class ImageError(ValueError):
+    """A source file that cannot be used as an image; the message is the reason."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeOptions:
+    """How every image is resized and stored."""
+
+    image_size: int = 224
+    pad: bool = False  # True: aspect-preserving letterbox on black; False: squash to a square
+    encoding: str = "jpeg"
+    jpeg_quality: int = 95
+
+    def __post_init__(self):
+        if not 8 <= self.image_size <= 4096:
+            raise ValueError(f"--image_size: must be in [8, 4096], got {self.image_size}")
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"--encoding: must be one of {ENCODINGS}, got {self.encoding!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"--jpeg_quality: must be in [1, 100], got {self.jpeg_quality}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertedImage:
+    """One source image after decode, resize and encode."""
+
+    encoded: bytes
+    sha256: str  # of the source bytes, for duplicate detection
+    original_height: int
+    original_width: int
+
+
+def _open(data: bytes, draft_size: int | None) -> tuple[Image.Image, tuple[int, int]]:
+    """Opens and fully decodes the first frame; returns the image and its stored (width, height)."""
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data))
+        stored_size = image.size
+        if draft_size and image.format == "JPEG":
+            # Mode "L" makes libjpeg emit luma only for colour JPEGs; the size request keeps
+            # every side >= draft_size, so the final resize still only shrinks.
+            image.draft("L", (draft_size, draft_size))
+        image.load()
+    except Image.UnidentifiedImageError as e:
+        raise ImageError("not a recognised image format") from e
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"image too large: {e}") from e
+    except OSError as e:
+        raise ImageError(f"corrupt or truncated image: {e}") from e
+    except (SyntaxError, ValueError, EOFError, IndexError, TypeError, ZeroDivisionError) as e:
+        # Malformed headers surface from PIL's plugins as any of these.
+        raise ImageError(f"corrupt image: {type(e).__name__}: {e}") from e
+    if stored_size[0] < 1 or stored_size[1] < 1:
+        raise ImageError(f"image has no pixels ({stored_size[0]}x{stored_size[1]})")
+    return image, stored_size
+
+
+def _orient(image: Image.Image, stored_size: tuple[int, int]) -> tuple[Image.Image, tuple[int, int]]:
+    """Applies the EXIF orientation; returns the image and the original (height, width) as seen."""
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+        image = ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError) as e:
+        raise ImageError(f"unreadable EXIF data: {e}") from e
+    width, height = stored_size
+    if orientation in _SWAPPING_ORIENTATIONS:
+        width, height = height, width
+    return image, (height, width)
+
+
+def to_grayscale(image: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit "L": 16-bit scaled by 1/257, alpha composited on black."""
+    if image.mode == "L":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # Full 16-bit range to 8-bit: 65535 -> 255 (PIL's own conversion clips instead).
+        pixels = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(pixels / 257.0), 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if pixels.size and np.nanmax(pixels) <= 1.0 else 1.0
+        return Image.fromarray(np.clip(np.rint(np.nan_to_num(pixels) * scale), 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode == "P" and "transparency" in image.info
+    ):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("L")
+    try:
+        return image.convert("L")
+    except ValueError:
+        # Modes without a direct path to L (e.g. LAB, HSV) go through RGB.
+        return image.convert("RGB").convert("L")
+
+
+def resize(image: Image.Image, image_size: int, pad: bool) -> Image.Image:
+    """Squashes to image_size x image_size, or letterboxes on black keeping the aspect ratio."""
+    if not pad:
+        return image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    width, height = image.size
+    scale = image_size / max(width, height)
+    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    canvas = Image.new("L", (image_size, image_size), 0)
+    offset = ((image_size - new_size[0]) // 2, (image_size - new_size[1]) // 2)
+    canvas.paste(image.resize(new_size, Image.Resampling.BILINEAR), offset)
+    return canvas
+
+
+def decode_and_resize(
+    data: bytes, image_size: int, pad: bool = False, draft: bool = True
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Source bytes -> (uint8 [S, S, 1] pixels, original (height, width) after EXIF orientation).
+
+    Raises ImageError with the reason for empty, corrupt, truncated or non-image input.
+    draft=False decodes JPEGs at full resolution (to measure what draft mode changes).
+    """
+    image, stored_size = _open(data, image_size if draft else None)
+    image, original_hw = _orient(image, stored_size)
+    image = resize(to_grayscale(image), image_size, pad)
+    return np.asarray(image, dtype=np.uint8)[..., None], original_hw
+
+
+def encode(pixels: np.ndarray, encoding: str, jpeg_quality: int = 95) -> bytes:
+    """uint8 [H, W, 1] or [H, W] -> single-channel JPEG or PNG bytes."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}; expected one of {ENCODINGS}")
+    array = np.asarray(pixels, dtype=np.uint8)
+    if array.ndim == 3:
+        array = array[..., 0]
+    buf = io.BytesIO()
+    if encoding == "jpeg":
+        Image.fromarray(array, mode="L").save(buf, format="JPEG", quality=jpeg_quality)
+    else:
+        Image.fromarray(array, mode="L").save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def decode_encoded(encoded: bytes) -> np.ndarray:
+    """Encoded record image -> uint8 [H, W, 1] (for checks; the training pipeline decodes in-graph)."""
+    try:
+        with Image.open(io.BytesIO(encoded)) as image:
+            image.load()
+            return np.asarray(to_grayscale(image), dtype=np.uint8)[..., None]
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"record image does not decode: {e}") from e
+
+
+def convert(data: bytes, options: EncodeOptions) -> ConvertedImage:
+    """The whole per-image job: hash, decode, orient, grayscale, resize, encode."""
+    pixels, (height, width) = decode_and_resize(data, options.image_size, options.pad)
+    return ConvertedImage(
+        encoded=encode(pixels, options.encoding, options.jpeg_quality),
+        sha256=hashlib.sha256(data).hexdigest(),
+        original_height=height,
+        original_width=width,
+    )
