@@ -1,0 +1,333 @@
+"""The input pipeline: sharded TFRecords -> parsed, decoded, cached, shuffled, augmented, prefetched batches.
+
+`create_dataset` composes small pure functions in one fixed order:
+
+  shard files -> (shard by input pipeline) -> shuffle files (training) -> interleave checked reads
+  -> parse + decode to uint8 [S, S, 1] -> cache (memory | file | off) -> shuffle or balanced sampling
+  (training) -> batch -> augment on CPU (training, placement "cpu") -> cast to batch dtype -> prefetch
+
+Batches hold raw pixel values (0..255) in `DataConfig.batch_dtype`; the model's `ToResNetInput` layer
+does the only preprocessing. Each shard's records are checked against the file size, so a truncated
+or corrupted shard fails with a `tf.errors.InvalidArgumentError` whose message names the shard
+(TensorFlow's own DataLossError gives only a byte offset). `find_corrupt_shards` names them from Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from cxr_tfdata import features
+from cxr_tfdata.augment import augment_batch
+from cxr_tfdata.config import AugmentConfig, DataConfig
+
+AUTOTUNE = tf.data.AUTOTUNE
+# Per-record framing in a TFRecord file: uint64 length, uint32 length CRC, data, uint32 data CRC.
+_RECORD_OVERHEAD_BYTES = 16
+# Shards read at once while training; more only adds memory on a machine with few cores.
+_MAX_PARALLEL_SHARDS = 8
+_READ_BUFFER_BYTES = 8 << 20
+
+
+class CorruptShardError(tf.errors.DataLossError):
+    """A TFRecord shard that is truncated or fails its CRC check; `path` names the file."""
+
+    def __init__(self, path: str, reason: str):
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            None,
+            None,
+            f"TFRecord shard {path} is truncated or corrupted ({reason}); rebuild the dataset "
+            "with cxr-build-tfrecords",
+        )
+
+
+def split_num_examples(data_dir: str, split: str) -> int:
+    """Number of records in a split, from the dataset's manifest."""
+    manifest = features.read_manifest(data_dir)
+    return int(features.split_info(manifest, split, data_dir)["num_examples"])
+
+
+def class_weights_from_counts(class_counts: dict[str, int]) -> dict[int, float]:
+    """Keras class_weight for class counts by name, like scikit-learn's "balanced": n / (k * n_c)."""
+    unknown = sorted(set(class_counts) - set(features.CLASS_NAMES))
+    if unknown:
+        raise ValueError(f"unknown class names {unknown}; expected {list(features.CLASS_NAMES)}")
+    counts = [int(class_counts.get(name, 0)) for name in features.CLASS_NAMES]
+    empty = [name for name, count in zip(features.CLASS_NAMES, counts, strict=True) if count <= 0]
+    if empty:
+        raise ValueError(f"class weights need examples of every class; none of {empty}")
+    total = sum(counts)
+    return {index: total / (len(counts) * count) for index, count in enumerate(counts)}
+
+
+def find_corrupt_shards(data_dir: str, split: str) -> list[tuple[str, str]]:
+    """(path, reason) of every shard of a split that is missing, truncated or fails its CRCs.
+
+    A full read of each shard with CRC checks, shard by shard (about a second per GB). Call it when
+    training or evaluation stops on a `tf.errors.DataLossError` to name the bad file, or before a run.
+    """
+    manifest = features.read_manifest(data_dir)
+    corrupt = []
+    for path in features.shard_paths(data_dir, manifest, split):
+        if not tf.io.gfile.exists(path):
+            corrupt.append((path, "file not found"))
+            continue
+        try:
+            tf.data.TFRecordDataset(path).reduce(np.int64(0), lambda count, _: count + 1)
+        except tf.errors.DataLossError as e:
+            # TF's message ("...}} truncated record at N' failed with ...") lacks the file name.
+            corrupt.append((path, e.message.split("}}")[-1].split("[Op:")[0].strip()))
+    return corrupt
+
+
+def raise_for_corrupt_shards(data_dir: str, split: str) -> None:
+    """Raises CorruptShardError naming the first bad shard of a split; returns if all are sound."""
+    corrupt = find_corrupt_shards(data_dir, split)
+    if corrupt:
+        raise CorruptShardError(*corrupt[0])
+
+
+def _read_shard_checked(path: tf.Tensor, size: tf.Tensor) -> tf.data.Dataset:
+    """The records of one shard; fails naming the shard when they do not account for every byte.
+
+    TFRecordDataset's DataLossError does not name the file, and tf.data cannot catch an error per
+    element. So errors are dropped (`ignore_errors` ends the shard at the first bad record) and the
+    bytes read are summed; an end-of-shard marker then compares the sum with the file size.
+    """
+    records = tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER_BYTES).ignore_errors()
+    marked = records.map(lambda r: (r, False)).concatenate(
+        tf.data.Dataset.from_tensors((tf.constant(b""), True))
+    )
+
+    def add_bytes(consumed, element):
+        record, is_end = element
+        length = tf.cast(tf.strings.length(record), tf.int64) + _RECORD_OVERHEAD_BYTES
+        consumed = consumed + tf.where(is_end, tf.constant(0, tf.int64), length)
+        return consumed, (record, is_end, consumed)
+
+    def check_end(record, is_end, consumed):
+        complete = tf.logical_or(tf.logical_not(is_end), tf.equal(consumed, size))
+        message = tf.strings.join([
+            "TFRecord shard ", path, " is truncated or corrupted: its readable records end at byte ",
+            tf.strings.as_string(consumed), " of ", tf.strings.as_string(size),
+            " (find_corrupt_shards() gives TensorFlow's reason); rebuild the dataset with cxr-build-tfrecords",
+        ])
+        with tf.control_dependencies([tf.debugging.Assert(complete, [message])]):
+            return record, tf.identity(is_end)
+
+    scanned = marked.scan(tf.constant(0, tf.int64), add_bytes)
+    checked = scanned.map(check_end)
+    return checked.filter(lambda record, is_end: tf.logical_not(is_end)).map(lambda record, _: record)
+
+
+def _checked_shard_files(data_dir: str, split: str, config: DataConfig) -> tuple[list[str], list[int]]:
+    """Shard paths of a split and their sizes, after checking the manifest matches the config."""
+    manifest = features.read_manifest(data_dir)
+    built_size = int(manifest["image_size"])
+    if built_size != config.image_size:
+        raise ValueError(
+            f"--image_size={config.image_size} but {data_dir} was built at {built_size}x{built_size} "
+            f"(manifest.json); pass --image_size={built_size} or rebuild with cxr-build-tfrecords"
+        )
+    if int(manifest.get("channels", 1)) != 1:
+        raise ValueError(f"{data_dir}: expected single-channel images, manifest says {manifest['channels']}")
+    paths = features.shard_paths(data_dir, manifest, split)
+    if not paths:
+        raise ValueError(f"split {split!r} of {data_dir} lists no shard files")
+    sizes = []
+    for path in paths:
+        if not tf.io.gfile.exists(path):
+            raise FileNotFoundError(f"shard {path} listed in {data_dir}/manifest.json does not exist")
+        sizes.append(int(tf.io.gfile.stat(path).length))
+    return paths, sizes
+
+
+def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    """One serialized record -> the features of `features.PARSE_SPEC`."""
+    return tf.io.parse_single_example(serialized, features.PARSE_SPEC)
+
+
+def decode_image(encoded: tf.Tensor, filename: tf.Tensor, image_size: int) -> tf.Tensor:
+    """JPEG or PNG bytes -> uint8 [S, S, 1]; a record of another size fails naming its file."""
+    image = tf.io.decode_image(encoded, channels=1, expand_animations=False, dtype=tf.uint8)
+    shape = tf.shape(image)
+    tf.debugging.Assert(
+        tf.logical_and(tf.equal(shape[0], image_size), tf.equal(shape[1], image_size)),
+        ["record", filename, "holds an image of shape", shape,
+         f"but the dataset and --image_size say {image_size}x{image_size}"],
+    )
+    return tf.ensure_shape(image, [image_size, image_size, 1])
+
+
+def _decoded_examples(records: tf.data.Dataset, image_size: int, with_metadata: bool,
+                      deterministic: bool, only_label: int | None = None) -> tf.data.Dataset:
+    """Records -> (uint8 image, int64 label[, filename, patient_id]), decoded in parallel."""
+    parsed = records.map(parse_example, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    if only_label is not None:
+        parsed = parsed.filter(lambda ex: tf.equal(ex[features.LABEL], only_label))
+
+    def decode(ex):
+        image = decode_image(ex[features.IMAGE], ex[features.FILENAME], image_size)
+        if with_metadata:
+            return image, ex[features.LABEL], ex[features.FILENAME], ex[features.PATIENT_ID]
+        return image, ex[features.LABEL]
+
+    return parsed.map(decode, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+
+
+def _cache(dataset: tf.data.Dataset, config: DataConfig, name: str) -> tf.data.Dataset:
+    if config.cache == "memory":
+        return dataset.cache()
+    if config.cache == "file":
+        tf.io.gfile.makedirs(config.cache_dir)
+        return dataset.cache(os.path.join(config.cache_dir, name))
+    return dataset
+
+
+def _cache_name(config: DataConfig, split: str, sizes: list[int], tag: str) -> str:
+    """A cache file name unique to the dataset (path and shard sizes), split and element layout."""
+    key = f"{os.path.abspath(config.data_dir)}|{sizes}|{config.image_size}|{tag}"
+    return f"{split}-{config.image_size}px-{tag}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+
+
+def _read_records(paths: list[str], sizes: list[int], training: bool, config: DataConfig,
+                  input_context: tf.distribute.InputContext | None) -> tf.data.Dataset:
+    """Checked records of the shards; in manifest and file order unless training."""
+    files = tf.data.Dataset.from_tensor_slices((paths, tf.constant(sizes, tf.int64)))
+    shard_records_by_context = False
+    if input_context is not None and input_context.num_input_pipelines > 1:
+        if len(paths) >= input_context.num_input_pipelines:
+            files = files.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        else:
+            shard_records_by_context = True
+    if not training:
+        records = files.interleave(_read_shard_checked, cycle_length=1, block_length=1)
+    else:
+        files = files.shuffle(len(paths), seed=config.seed, reshuffle_each_iteration=True)
+        records = files.interleave(
+            _read_shard_checked,
+            cycle_length=min(len(paths), _MAX_PARALLEL_SHARDS),
+            block_length=1,
+            num_parallel_calls=AUTOTUNE,
+            deterministic=config.deterministic,
+        )
+    if shard_records_by_context:
+        records = records.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    return records
+
+
+def _balanced_examples(make_examples, config: DataConfig, num_examples: int) -> tf.data.Dataset:
+    """Equal numbers of each class in expectation (minority oversampled), `num_examples` per epoch."""
+    per_class = [
+        make_examples(label).shuffle(config.shuffle_buffer, seed=config.seed + 1 + label,
+                                     reshuffle_each_iteration=True).repeat()
+        for label in range(len(features.CLASS_NAMES))
+    ]
+    weights = [1.0 / len(per_class)] * len(per_class)
+    mixed = tf.data.Dataset.sample_from_datasets(
+        per_class, weights=weights, seed=config.seed, rerandomize_each_iteration=True
+    )
+    return mixed.take(num_examples)
+
+
+def _augment_on_cpu(batches: tf.data.Dataset, augment: AugmentConfig, config: DataConfig) -> tf.data.Dataset:
+    """Augments whole batches in parallel, with fresh (but seeded) transforms each epoch."""
+    seeds = tf.data.Dataset.random(seed=config.seed, rerandomize_each_iteration=True).batch(2)
+
+    def apply(batch, seed):
+        images, *rest = batch
+        return (augment_batch(images, augment, seed), *rest)
+
+    return tf.data.Dataset.zip(batches, seeds).map(
+        apply, num_parallel_calls=AUTOTUNE, deterministic=config.deterministic
+    )
+
+
+def _to_batch_dtype(images: tf.Tensor, dtype: str) -> tf.Tensor:
+    if dtype == "uint8":
+        if images.dtype == tf.uint8:
+            return images
+        return tf.saturate_cast(tf.round(images), tf.uint8)
+    return tf.cast(images, dtype)
+
+
+def _dataset_options(deterministic: bool, input_context) -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    options.autotune.enabled = True
+    options.experimental_optimization.map_parallelization = True
+    # With an input context each pipeline already reads its own files; without one, a distribution
+    # strategy splits the data by element, which works whatever the number of shards.
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.OFF
+        if input_context is not None
+        else tf.data.experimental.AutoShardPolicy.DATA
+    )
+    return options
+
+
+def create_dataset(
+    config: DataConfig,
+    split: str,
+    batch_size: int,
+    training: bool,
+    augment: AugmentConfig | None = None,
+    input_context: tf.distribute.InputContext | None = None,
+    with_metadata: bool = False,
+    *,
+    repeat: bool = False,
+) -> tf.data.Dataset:
+    """Batches of (images, labels[, {"filename", "patient_id"}]) from a split built by cxr-build-tfrecords.
+
+    images: [B, S, S, 1] raw pixel values (0..255) in `config.batch_dtype`; labels: [B] float32 in
+    {0, 1}. training=True: files and examples shuffled with `config.seed` in a fresh order each epoch
+    (or balanced sampling), drop_remainder, augmented here when `augment.placement == "cpu"`, repeated
+    forever when `repeat`. training=False: shards in manifest order, records in file order, no
+    augmentation, last partial batch kept. With an `input_context` (from
+    `strategy.distribute_datasets_from_function`), `batch_size` is the per-replica batch.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    paths, sizes = _checked_shard_files(config.data_dir, split, config)
+    deterministic = config.deterministic or not training
+    image_size = config.image_size
+
+    def make_examples(only_label=None):
+        records = _read_records(paths, sizes, training, config, input_context)
+        examples = _decoded_examples(records, image_size, with_metadata, deterministic, only_label)
+        tag = ("meta" if with_metadata else "plain") + ("" if only_label is None else f"-class{only_label}")
+        if input_context is not None:
+            tag += f"-pipeline{input_context.input_pipeline_id}of{input_context.num_input_pipelines}"
+        return _cache(examples, config, _cache_name(config, split, sizes, tag))
+
+    if training and config.balanced_sampling:
+        num_examples = split_num_examples(config.data_dir, split)
+        if input_context is not None:
+            num_examples //= input_context.num_input_pipelines
+        examples = _balanced_examples(make_examples, config, num_examples)
+    elif training:
+        examples = make_examples().shuffle(
+            config.shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True
+        )
+    else:
+        examples = make_examples()
+    if training and repeat:
+        examples = examples.repeat()
+    batches = examples.batch(batch_size, drop_remainder=training, num_parallel_calls=AUTOTUNE,
+                             deterministic=deterministic)
+    if training and augment is not None and augment.placement == "cpu":
+        batches = _augment_on_cpu(batches, augment, config)
+
+    def finish(images, labels, *metadata):
+        out = (_to_batch_dtype(images, config.batch_dtype), tf.cast(labels, tf.float32))
+        if with_metadata:
+            out += ({"filename": metadata[0], "patient_id": metadata[1]},)
+        return out
+
+    batches = batches.map(finish, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    return batches.prefetch(AUTOTUNE).with_options(_dataset_options(deterministic, input_context))
