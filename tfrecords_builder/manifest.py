@@ -1,0 +1,74 @@
+"""manifest.json: what a build produced (per-split counts and shards) and what it left out and why."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from cxr_tfdata import features
+
+FORMAT_VERSION = 1
+RESIZE_METHODS = {
+    "squash": "PIL antialiased bilinear to image_size x image_size (aspect ratio not kept), "
+              "after reduced-scale JPEG decoding",
+    "pad": "PIL antialiased bilinear keeping the aspect ratio, centred on black (letterbox), "
+           "after reduced-scale JPEG decoding",
+}
+
+
+def _split_entry(split: str, builder, outcome, dataset_dir: str) -> dict[str, Any]:
+    info = builder.info.splits[split]
+    shard_files = list(info.filenames)
+    missing = [f for f in shard_files if not os.path.exists(os.path.join(dataset_dir, f))]
+    if missing:
+        raise RuntimeError(f"shards named in dataset_info.json are missing from {dataset_dir}: {missing}")
+    if info.num_examples != sum(outcome.class_counts.values()):
+        raise RuntimeError(f"split {split}: TFDS wrote {info.num_examples} examples, "
+                           f"{sum(outcome.class_counts.values())} were generated")
+    return {
+        "num_examples": int(info.num_examples),
+        "class_counts": dict(outcome.class_counts),
+        "num_patients": len(outcome.patients),
+        "num_unparsed_patient_ids": outcome.unparsed_patient_ids,
+        "num_shards": len(shard_files),
+        "shard_files": shard_files,
+    }
+
+
+def make_manifest(config, the_plan, builder, strays: list[str], dataset_dir: str,
+                  build_seconds: float) -> dict[str, Any]:
+    """The manifest of a finished build (layout: cxr_tfdata.features.read_manifest)."""
+    splits = {s: _split_entry(s, builder, builder.outcomes[s], dataset_dir) for s in the_plan.splits}
+    skipped = [{"path": os.path.relpath(p, config.input_dir), "reason": "not inside a class folder"}
+               for p in strays]
+    for outcome in builder.outcomes.values():
+        skipped.extend(outcome.skipped)
+    return {
+        "format_version": FORMAT_VERSION,
+        "image_size": config.image_size,
+        "channels": 1,
+        "encoding": config.encoding,
+        "resize": config.resize,
+        "resize_method": RESIZE_METHODS[config.resize],
+        "class_names": list(features.CLASS_NAMES),
+        "splits": splits,
+        "val_source": the_plan.val_source,
+        "num_unparsed_patient_ids": sum(s["num_unparsed_patient_ids"] for s in splits.values()),
+        "flags": dataclasses.asdict(config),
+        "skipped": sorted(skipped, key=lambda s: s["path"]),
+        "duplicates": the_plan.duplicates,
+        "dropped_leaks": the_plan.dropped_leaks,
+        "patients_in_several_given_splits": the_plan.patients_in_several_given_splits,
+        "tfds": {"name": builder.name, "version": str(builder.version)},
+        "build_seconds": round(build_seconds, 2),
+    }
+
+
+def write_manifest(dataset_dir: str, content: dict[str, Any]) -> str:
+    path = os.path.join(dataset_dir, features.MANIFEST_FILENAME)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(content, f, indent=2, sort_keys=False)
+        f.write("\n")
+    return path

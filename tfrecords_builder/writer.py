@@ -1,0 +1,211 @@
+"""Writes the planned splits as a TFDS dataset: a GeneratorBasedBuilder fed by a worker pool.
+
+Workers decode, resize and encode; the builder's _generate_examples hands their already-encoded
+bytes to tensorflow-datasets (tfds.features.Image stores bytes as given, without re-encoding),
+which serializes, shuffles by key and shards each split and writes dataset_info.json.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import inspect
+import math
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+from etils import epath
+from tensorflow_datasets.core import utils as tfds_utils
+from tensorflow_datasets.core.utils import shard_utils
+
+from cxr_tfdata import features
+from tfrecords_builder import imaging, worker
+from tfrecords_builder.scan import SourceFile
+
+DATASET_NAME = "cxr_tfrecords"
+_PROGRESS_SECONDS = 5.0
+# Auto sharding: at least this many shards per split (when it has that many images) so that
+# readers can interleave files in parallel.
+MIN_AUTO_SHARDS = 4
+
+
+class BuildError(RuntimeError):
+    """The build cannot produce a complete dataset; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _SplitShardConfig(shard_utils.ShardConfig):
+    """A fixed shard count, or one from a target size, never more shards than examples."""
+
+    target_shard_bytes: int = 32 << 20
+
+    def get_number_shards(self, total_size: int, num_examples: int, uses_precise_sharding: bool = True) -> int:
+        wanted = self.num_shards or max(MIN_AUTO_SHARDS, math.ceil(total_size / self.target_shard_bytes))
+        return max(1, min(wanted, num_examples))
+
+
+@dataclasses.dataclass
+class _ShardingDownloadConfig(tfds.download.DownloadConfig):
+    target_shard_bytes: int = 32 << 20
+
+    def get_shard_config(self) -> shard_utils.ShardConfig:
+        return _SplitShardConfig(num_shards=self.num_shards, target_shard_bytes=self.target_shard_bytes)
+
+
+def download_config(num_shards: int, target_shard_mb: float) -> tfds.download.DownloadConfig:
+    """num_shards > 0 fixes the shards per split; 0 derives them from target_shard_mb."""
+    return _ShardingDownloadConfig(num_shards=num_shards or None,
+                                   target_shard_bytes=max(1, int(target_shard_mb * (1 << 20))))
+
+
+class Progress:
+    """Throttled progress line: images done, images/s, ETA."""
+
+    def __init__(self, total: int, label: str, clock: Callable[[], float] = time.monotonic):
+        self.total, self.label, self._clock = total, label, clock
+        self.done = 0
+        self.start = self._last = clock()
+
+    def advance(self, count: int = 1) -> None:
+        self.done += count
+        now = self._clock()
+        if now - self._last >= _PROGRESS_SECONDS or self.done == self.total:
+            self._last = now
+            logging.info("%s", self.line(now))
+
+    def line(self, now: float | None = None) -> str:
+        elapsed = max(1e-9, (now if now is not None else self._clock()) - self.start)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+        return (f"{self.label}: {self.done}/{self.total} images ({100 * self.done / max(1, self.total):.0f}%), "
+                f"{rate:.1f} images/s, ETA {eta_text}")
+
+
+class WorkerPool:
+    """Maps a function over tasks in worker processes, or in this process for num_workers <= 1."""
+
+    def __init__(self, num_workers: int):
+        self.num_workers = max(1, num_workers)
+        self._pool = None
+        if self.num_workers > 1:
+            # forkserver: workers do not inherit this process's TensorFlow threads; preloading
+            # only the TF-free worker module keeps their start-up short.
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["tfrecords_builder.worker"])
+            self._pool = context.Pool(self.num_workers)
+
+    def imap_unordered(self, fn, tasks: list) -> Iterator:
+        if self._pool is None:
+            return map(fn, tasks)
+        chunksize = max(1, min(16, len(tasks) // (self.num_workers * 8)))
+        return self._pool.imap_unordered(fn, tasks, chunksize=chunksize)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def hash_sources(pool: WorkerPool, paths: list[str]) -> dict[str, str | None]:
+    """sha256 of every source file (None for empty or unreadable), computed in the workers."""
+    return dict(pool.imap_unordered(worker.hash_file, paths))
+
+
+@dataclasses.dataclass
+class SplitOutcome:
+    """What happened to a split's files while it was written."""
+
+    class_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    patients: set[str] = dataclasses.field(default_factory=set)
+    unparsed_patient_ids: int = 0
+    skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
+
+
+class CxrTfrecords(tfds.core.GeneratorBasedBuilder):
+    """Chest X-ray images (NORMAL / PNEUMONIA), single channel, resized, one record per image."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Single-channel resized images with source file, patient and size."}
+
+    def __init__(self, *, split_files: dict[str, list[SourceFile]], options: imaging.EncodeOptions,
+                 pool: WorkerPool, input_dir: str, strict: bool, **kwargs):
+        self._split_files = split_files
+        self._options = options
+        self._pool = pool
+        self._input_dir = input_dir
+        self._strict = strict
+        self._progress = Progress(sum(len(f) for f in split_files.values()), "converted")
+        self.outcomes: dict[str, SplitOutcome] = {}
+        super().__init__(**kwargs)
+
+    @tfds_utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path | None:
+        # TFDS 4.9.x resolves a packaged builder's file through `importlib_resources`, which it only
+        # requires on Python < 3.9; the class's own file is what that lookup would return.
+        return epath.Path(inspect.getfile(cls))
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        size = self._options.image_size
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.__doc__,
+            features=tfds.features.FeaturesDict({
+                features.IMAGE: tfds.features.Image(shape=(size, size, 1),
+                                                    encoding_format=self._options.encoding),
+                features.LABEL: tfds.features.ClassLabel(names=list(features.CLASS_NAMES)),
+                features.FILENAME: tfds.features.Text(),
+                features.PATIENT_ID: tfds.features.Text(),
+                features.ORIGINAL_HEIGHT: tfds.features.Scalar(dtype=np.int64),
+                features.ORIGINAL_WIDTH: tfds.features.Scalar(dtype=np.int64),
+            }),
+            supervised_keys=(features.IMAGE, features.LABEL),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # sources are local files
+        return {split: self._generate_examples(split) for split in self._split_files}
+
+    def _generate_examples(self, split: str):
+        files = self._split_files[split]
+        outcome = self.outcomes[split] = SplitOutcome()
+        counts = collections.Counter()
+        tasks = [(i, f.path, self._options) for i, f in enumerate(files)]
+        for index, converted, reason in self._pool.imap_unordered(worker.convert_file, tasks):
+            self._progress.advance()
+            source = files[index]
+            rel_path = os.path.relpath(source.path, self._input_dir)
+            if converted is None:
+                if self._strict:
+                    raise BuildError(f"{source.path}: {reason} (--strict makes bad images fatal)")
+                logging.warning("skipping %s: %s", source.path, reason)
+                outcome.skipped.append({"path": rel_path, "reason": reason})
+                continue
+            counts[source.label] += 1
+            outcome.patients.add(source.patient_id)
+            outcome.unparsed_patient_ids += not source.patient_id_parsed
+            yield rel_path, {
+                features.IMAGE: converted.encoded,
+                features.LABEL: source.label,
+                features.FILENAME: source.filename,
+                features.PATIENT_ID: source.patient_id,
+                features.ORIGINAL_HEIGHT: converted.original_height,
+                features.ORIGINAL_WIDTH: converted.original_width,
+            }
+        outcome.class_counts = {name: counts[i] for i, name in enumerate(features.CLASS_NAMES)}
+        outcome.skipped.sort(key=lambda s: s["path"])
+        if not sum(counts.values()):
+            raise BuildError(f"no usable images in split {split!r}: all {len(files)} files were skipped")
