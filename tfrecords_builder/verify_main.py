@@ -1,0 +1,30 @@
+"""cxr-verify-tfrecords: re-reads every shard of a built dataset; exits non-zero naming the bad shard."""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+from tfrecords_builder import verify
+
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Dataset folder written by cxr-build-tfrecords.")
+flags.mark_flag_as_required("data_dir")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    report = verify.verify_dataset(_DATA_DIR.value)
+    if not report.ok:
+        sys.exit(f"cxr-verify-tfrecords: {report.summary()}")
+    logging.info("%s", report.summary())
+    print(report.summary())
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
