@@ -1,0 +1,32 @@
+"""cxr-make-sample: writes a Kaggle-layout folder of synthetic chest-X-ray-like images."""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+from tfrecords_builder import sample
+
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder to create: {train,test}/{NORMAL,PNEUMONIA}/*.jpeg.")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 240, "Number of images (about 1 NORMAL : 3 PNEUMONIA).")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed; the same seed writes the same images.")
+flags.mark_flag_as_required("output_dir")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        images = sample.write_sample(_OUTPUT_DIR.value, _NUM_IMAGES.value, _SEED.value)
+    except (ValueError, FileExistsError) as e:
+        sys.exit(f"cxr-make-sample: error: {e}")
+    logging.info("wrote %d images to %s", len(images), _OUTPUT_DIR.value)
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
