@@ -84,3 +84,109 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def to_json(config: Any) -> str:
     return json.dumps(to_dict(config), indent=2, sort_keys=True)
+
+
+STAGES = ("frozen", "finetune", "both")
+WEIGHTS_CHOICES = ("imagenet", "none")  # or a path to a local "notop" .h5 file
+PRECISION_POLICIES = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+DISTRIBUTIONS = ("auto", "mirrored", "default")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """ResNet50V2 + classification head, and which base layers each transfer stage trains.
+
+    weights: "imagenet", "none" (random init), or a path to a local ResNet50V2 "notop" .h5 file.
+    fine_tune_at: first base layer (name, or name prefix up to a "_") unfrozen in the finetune stage.
+      Default "conv5_block1", the start of ResNet50V2's last stage: its 3 blocks hold ~15M of the base's
+      23.6M weights and the most ImageNet-specific features, while the earlier stages' generic edges and
+      textures transfer well to radiographs; unfreezing more with ~5k images mostly adds overfitting.
+    train_base: every layer trainable in every stage, base BatchNormalization in training mode
+      (for training from scratch with weights="none").
+    """
+
+    weights: str = "imagenet"
+    fine_tune_at: str = "conv5_block1"
+    dropout_rate: float = 0.1
+    train_base: bool = False
+
+    def __post_init__(self):
+        _require(bool(self.weights), "weights", f"must be one of {WEIGHTS_CHOICES} or a file path")
+        _require(bool(self.fine_tune_at), "fine_tune_at", "must name a ResNet50V2 layer, e.g. conv5_block1")
+        _require(0.0 <= self.dropout_rate < 1.0, "dropout_rate", f"must be in [0, 1), got {self.dropout_rate}")
+
+    @property
+    def weights_path(self) -> str | None:
+        """The local weights file, or None for "imagenet"/"none"."""
+        return None if self.weights in WEIGHTS_CHOICES else self.weights
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """Optimizer, schedule and stopping rules of one transfer stage ("frozen" or "finetune").
+
+    lr_decay_per_epoch: learning rate multiplied by this at the start of each epoch after the first
+      (an exponential decay expressed per epoch, so ReduceLROnPlateau can still lower the same LR).
+    """
+
+    name: str = "frozen"
+    batch_size: int = 128
+    epochs: int = 50
+    learning_rate: float = 1e-3
+    lr_decay_per_epoch: float = 1.0
+    early_stopping_patience: int = 5
+    reduce_lr_patience: int = 2
+    reduce_lr_factor: float = 0.2
+    min_learning_rate: float = 1e-7
+
+    def __post_init__(self):
+        p = self.name
+        _require(p in ("frozen", "finetune"), "stage", f"stage settings must be 'frozen' or 'finetune', got {p!r}")
+        _require(self.batch_size >= 1, f"{p}_batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.epochs >= 1, f"{p}_epochs", f"must be >= 1, got {self.epochs}")
+        _require(0.0 < self.learning_rate < 1.0, f"{p}_learning_rate", f"must be in (0, 1), got {self.learning_rate}")
+        _require(0.0 < self.lr_decay_per_epoch <= 1.0, f"{p}_lr_decay_per_epoch", f"must be in (0, 1], got {self.lr_decay_per_epoch}")
+        _require(self.early_stopping_patience >= 1, f"{p}_early_stopping_patience", f"must be >= 1, got {self.early_stopping_patience}")
+        _require(self.reduce_lr_patience >= 1, f"{p}_reduce_lr_patience", f"must be >= 1, got {self.reduce_lr_patience}")
+        _require(0.0 < self.reduce_lr_factor < 1.0, f"{p}_reduce_lr_factor", f"must be in (0, 1), got {self.reduce_lr_factor}")
+        _require(0.0 <= self.min_learning_rate <= self.learning_rate, f"{p}_min_learning_rate", f"must be in [0, learning rate], got {self.min_learning_rate}")
+
+
+def default_finetune_stage() -> StageConfig:
+    return StageConfig(
+        name="finetune", batch_size=32, epochs=50, learning_rate=1e-4, lr_decay_per_epoch=0.95,
+        early_stopping_patience=15, reduce_lr_patience=5,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One cxr-train run: data, augmentation, model, both stages, precision and placement.
+
+    steps_per_epoch: 0 means a full pass over the train split; a positive value caps each epoch.
+    """
+
+    model_dir: str = ""
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    frozen: StageConfig = dataclasses.field(default_factory=StageConfig)
+    finetune: StageConfig = dataclasses.field(default_factory=default_finetune_stage)
+    stage: str = "both"
+    mixed_precision: str = "auto"
+    jit_compile: bool = False
+    distribution: str = "auto"
+    steps_per_epoch: int = 0
+
+    def __post_init__(self):
+        _require(bool(self.model_dir), "model_dir", "is required")
+        _require(self.stage in STAGES, "stage", f"must be one of {STAGES}, got {self.stage!r}")
+        _require(self.mixed_precision in PRECISION_POLICIES, "mixed_precision", f"must be one of {PRECISION_POLICIES}, got {self.mixed_precision!r}")
+        _require(self.distribution in DISTRIBUTIONS, "distribution", f"must be one of {DISTRIBUTIONS}, got {self.distribution!r}")
+        _require(self.steps_per_epoch >= 0, "steps_per_epoch", f"must be >= 0 (0: full epochs), got {self.steps_per_epoch}")
+        _require(self.frozen.name == "frozen", "stage", "the frozen stage's settings must be named 'frozen'")
+        _require(self.finetune.name == "finetune", "stage", "the finetune stage's settings must be named 'finetune'")
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return ("frozen", "finetune") if self.stage == "both" else (self.stage,)

@@ -1,0 +1,180 @@
+"""Tests of cxr_tfdata.model and cxr_tfdata.precision: layer sets per stage, dtypes, weights sources."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from cxr_tfdata import model as model_lib
+from cxr_tfdata import precision
+from cxr_tfdata.config import AugmentConfig, ModelConfig
+
+IMAGE_SIZE = 32
+NO_AUGMENT = AugmentConfig(placement="none")
+
+
+@pytest.fixture(autouse=True)
+def float32_policy():
+    keras.mixed_precision.set_global_policy("float32")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def _model(head_batch_norm=False, **model_kwargs):
+    return model_lib.build_model(
+        IMAGE_SIZE, ModelConfig(weights="none", **model_kwargs), NO_AUGMENT, head_batch_norm=head_batch_norm
+    )
+
+
+def _base_layers_from(model, prefix):
+    base = model.get_layer(model_lib.BASE_NAME)
+    start = next(i for i, layer in enumerate(base.layers) if layer.name.startswith(prefix + "_"))
+    return base.layers, start
+
+
+def test_frozen_stage_trains_only_the_head():
+    model = _model()
+    model_lib.configure_trainable(model, "frozen", ModelConfig(weights="none"))
+    assert model_lib.trainable_base_layer_names(model) == []
+    trainable = {v.path.split("/")[0] for v in model.trainable_variables}
+    assert trainable == {model_lib.OUTPUT_NAME}
+    assert len(model.get_layer(model_lib.BASE_NAME).trainable_weights) == 0
+
+
+@pytest.mark.parametrize("fine_tune_at", ["conv5_block1", "conv4_block6"])
+def test_finetune_stage_trains_exactly_the_layers_from_fine_tune_at_without_batch_norm(fine_tune_at):
+    config = ModelConfig(weights="none", fine_tune_at=fine_tune_at)
+    model = _model(head_batch_norm=True, fine_tune_at=fine_tune_at)
+    model_lib.configure_trainable(model, "finetune", config)
+    layers, start = _base_layers_from(model, fine_tune_at)
+    expected = [
+        layer.name for layer in layers[start:]
+        if layer.weights and not isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    assert expected and model_lib.trainable_base_layer_names(model) == expected
+    assert all(not layer.trainable_weights for layer in layers[:start])
+    base_bn = [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert base_bn and not any(layer.trainable for layer in base_bn)
+    assert model.get_layer(model_lib.HEAD_BATCH_NORM_NAME).trainable
+    assert model.get_layer(model_lib.OUTPUT_NAME).trainable
+
+
+def test_finetune_step_changes_unfrozen_convs_only_and_keeps_base_batch_norm_statistics():
+    config = ModelConfig(weights="none")
+    model = _model(head_batch_norm=True)
+    model_lib.configure_trainable(model, "finetune", config)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="binary_crossentropy")
+    base = model.get_layer(model_lib.BASE_NAME)
+    watched = {name: [w.numpy().copy() for w in base.get_layer(name).weights]
+               for name in ("conv5_block3_3_conv", "conv4_block6_3_conv", "conv5_block1_preact_bn", "post_bn")}
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (8, IMAGE_SIZE, IMAGE_SIZE, 1)).astype("uint8")
+    model.train_on_batch(images, rng.integers(0, 2, (8,)).astype("float32"))
+    changed = {name: any(not np.array_equal(a, w.numpy()) for a, w in zip(before, base.get_layer(name).weights, strict=True))
+               for name, before in watched.items()}
+    assert changed == {"conv5_block3_3_conv": True, "conv4_block6_3_conv": False,
+                       "conv5_block1_preact_bn": False, "post_bn": False}
+
+
+def test_train_base_makes_every_layer_trainable():
+    config = ModelConfig(weights="none", train_base=True)
+    model = _model(train_base=True)
+    model_lib.configure_trainable(model, "frozen", config)
+    base = model.get_layer(model_lib.BASE_NAME)
+    assert all(layer.trainable for layer in base.layers)
+    assert len(base.trainable_weights) == len(base.weights) - 2 * sum(
+        isinstance(layer, keras.layers.BatchNormalization) for layer in base.layers)  # moving stats
+
+
+def test_unknown_fine_tune_at_names_the_flag():
+    model = _model()
+    with pytest.raises(ValueError, match="--fine_tune_at='conv9_block1'"):
+        model_lib.configure_trainable(model, "finetune", ModelConfig(weights="none", fine_tune_at="conv9_block1"))
+
+
+def test_mixed_bfloat16_computes_in_bfloat16_and_outputs_float32():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    model = model_lib.build_model(IMAGE_SIZE, ModelConfig(weights="none"), AugmentConfig(placement="device"))
+    base = model.get_layer(model_lib.BASE_NAME)
+    convs = [layer for layer in base.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert convs and all(layer.compute_dtype == "bfloat16" for layer in convs)
+    assert all(layer.variable_dtype == "float32" for layer in convs)
+    assert model.get_layer("to_resnet_input").compute_dtype == "bfloat16"
+    assert model.get_layer(model_lib.OUTPUT_NAME).compute_dtype == "float32"
+    output = model(np.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 1), np.uint8), training=False)
+    assert output.dtype == "float32" and tuple(output.shape) == (2, 1)
+    assert model.get_layer("random_affine") is not None
+
+
+def test_model_layers_in_order():
+    names = [layer.name for layer in _model(head_batch_norm=True).layers]
+    assert names == ["image", "to_resnet_input", model_lib.BASE_NAME, "avg_pool",
+                     model_lib.HEAD_BATCH_NORM_NAME, "dropout", model_lib.OUTPUT_NAME]
+
+
+def test_transfer_weights_copies_base_and_output():
+    source, target = _model(), _model(head_batch_norm=True)
+    copied = model_lib.transfer_weights(source, target)
+    assert set(copied) == {model_lib.BASE_NAME, model_lib.OUTPUT_NAME}
+    for name in copied:
+        for a, b in zip(source.get_layer(name).get_weights(), target.get_layer(name).get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_imagenet_weights_offline_fails_at_once_naming_the_file(tmp_path):
+    with pytest.raises(model_lib.WeightsUnavailableError) as error:
+        model_lib.check_imagenet_weights_available(
+            cache_dir=str(tmp_path), url="http://127.0.0.1:9/unreachable.h5", timeout=2)
+    message = str(error.value)
+    expected_file = tmp_path / "models" / model_lib.IMAGENET_WEIGHTS_FILE
+    assert str(expected_file) in message and "--weights=" in message
+
+
+def test_imagenet_weights_found_in_cache_without_network(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / model_lib.IMAGENET_WEIGHTS_FILE).write_bytes(b"cached")
+    assert model_lib.check_imagenet_weights_available(
+        cache_dir=str(tmp_path), url="http://127.0.0.1:9/unreachable.h5", timeout=2) == "cached"
+
+
+def test_weights_from_a_local_file(tmp_path):
+    source = model_lib.build_base(IMAGE_SIZE, ModelConfig(weights="none"))
+    path = tmp_path / "base.weights.h5"
+    source.save_weights(str(path))
+    loaded = model_lib.build_base(IMAGE_SIZE, ModelConfig(weights=str(path)))
+    for a, b in zip(source.get_weights(), loaded.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("content, suffix", [(b"not an hdf5 file", ".h5"), (None, ".h5"), (b"x", ".bin")])
+def test_bad_weights_file_fails_naming_the_path(tmp_path, content, suffix):
+    path = tmp_path / f"weights{suffix}"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(model_lib.WeightsUnavailableError, match=f"--weights={path}"):
+        model_lib.build_base(IMAGE_SIZE, ModelConfig(weights=str(path)))
+
+
+def test_weights_of_another_architecture_fail_naming_the_path(tmp_path):
+    other = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    path = tmp_path / "other.weights.h5"
+    other.save_weights(str(path))
+    with pytest.raises(model_lib.WeightsUnavailableError, match=f"--weights={path}"):
+        model_lib.build_base(IMAGE_SIZE, ModelConfig(weights=str(path)))
+
+
+@pytest.mark.parametrize("flags_line, expected", [
+    ("flags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni", "mixed_bfloat16"),
+    ("flags\t\t: fpu sse2 amx_bf16 amx_tile", "mixed_bfloat16"),
+    ("flags\t\t: fpu sse2 avx2 avx512f", "float32"),
+])
+def test_auto_precision_on_a_cpu_follows_its_bfloat16_flags(tmp_path, flags_line, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\n{flags_line}\n")
+    policy, reason = precision.choose_precision_policy("auto", cpuinfo_path=str(cpuinfo))
+    assert policy == expected and reason
+
+
+def test_explicit_precision_is_kept():
+    assert precision.choose_precision_policy("mixed_float16")[0] == "mixed_float16"
