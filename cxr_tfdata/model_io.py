@@ -1,0 +1,76 @@
+"""Loading trained .keras models safely, with errors that name the file, and reading their image size."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import keras
+
+# Modules that register the package's custom layers with Keras; imported before any load so
+# `safe_mode=True` can resolve them by their registered names. Missing ones are simply skipped
+# (a model that does not use them loads without them).
+_LAYER_MODULES = ("cxr_tfdata.preprocessing", "cxr_tfdata.augment", "cxr_tfdata.model")
+
+
+class ModelLoadError(ValueError):
+    """A model file that cannot be used; the message names the file and the reason."""
+
+
+def _register_custom_layers() -> None:
+    for name in _LAYER_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # the module exists but one of its own imports is missing
+                raise
+
+
+def load_model(path: str) -> keras.Model:
+    """Loads a .keras model in Keras safe mode (no arbitrary code), naming `path` in any error."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ModelLoadError(f"--model: {path} does not exist")
+    if os.path.isdir(path):
+        raise ModelLoadError(
+            f"--model: {path} is a directory; expected a .keras file written by cxr-train"
+        )
+    _register_custom_layers()
+    try:
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as e:  # noqa: BLE001 -- Keras raises many types for bad files; re-raised with the path
+        message = str(e)
+        if "safe_mode" in message or "unsafe" in message.lower():
+            raise ModelLoadError(
+                f"--model: refused to load {path} in Keras safe mode: it contains code that would "
+                f"run on load (for example a Lambda layer). Only load models you trust; this tool "
+                f"never disables safe mode. Keras said: {message.splitlines()[0]}"
+            ) from e
+        raise ModelLoadError(
+            f"--model: cannot load {path} as a Keras model ({type(e).__name__}: "
+            f"{message.splitlines()[0] if message else 'no details'})"
+        ) from e
+    if not isinstance(model, keras.Model):
+        raise ModelLoadError(f"--model: {path} holds a {type(model).__name__}, not a Keras model")
+    return model
+
+
+def model_image_size(model: keras.Model, path: str = "") -> int:
+    """The square image size S of a model whose input is [None, S, S, 1] raw pixels."""
+    shape = tuple(model.inputs[0].shape) if model.inputs else ()
+    if len(shape) != 4 or shape[1] is None or shape[1] != shape[2] or shape[3] != 1:
+        raise ModelLoadError(
+            f"--model: {path or model.name} takes input shape {shape}; expected [None, S, S, 1] "
+            f"grayscale pixels"
+        )
+    return int(shape[1])
+
+
+def check_image_size(model_size: int, data_size: int, model_path: str, data_dir: str) -> None:
+    """Fails when the model and the dataset disagree on the image size, naming both."""
+    if model_size != data_size:
+        raise ValueError(
+            f"image size mismatch: model {model_path} takes {model_size}x{model_size} images but "
+            f"dataset {data_dir} holds {data_size}x{data_size} images (manifest.json image_size); "
+            f"evaluate on records built with --image_size={model_size}"
+        )

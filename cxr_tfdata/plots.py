@@ -1,0 +1,113 @@
+"""Evaluation plots as PNG files: ROC, precision-recall, confusion matrix and calibration.
+
+Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no display, no global state),
+and each file is written beside its target and renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn import calibration
+from sklearn import metrics as skm
+
+from cxr_tfdata import features
+
+
+def _save(figure: Figure, path: str) -> None:
+    FigureCanvasAgg(figure)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".png")
+    os.close(fd)
+    try:
+        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _mark_thresholds(ax, points: list[tuple[float, float, str]]) -> None:
+    for (x, y, label), marker in zip(points, ("o", "s"), strict=False):
+        ax.plot([x], [y], marker=marker, linestyle="none", markersize=7, label=label)
+
+
+def roc_plot(labels: np.ndarray, probabilities: np.ndarray, metrics: dict[str, Any], path: str) -> None:
+    fpr, tpr, _ = skm.roc_curve(labels, probabilities)
+    figure = Figure(figsize=(5, 5))
+    ax = figure.add_subplot()
+    ax.plot(fpr, tpr, label=f"ROC (AUC {metrics['roc_auc']:.3f})")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
+    _mark_thresholds(ax, [
+        (1 - b["specificity"], b["recall"], f"threshold {b['threshold']:.3g}")
+        for b in (metrics["threshold_0.5"], metrics["operating_point"])
+    ])
+    ax.set(xlabel="False positive rate (1 - specificity)", ylabel="True positive rate (sensitivity)",
+           title="ROC curve", xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(loc="lower right")
+    _save(figure, path)
+
+
+def pr_plot(labels: np.ndarray, probabilities: np.ndarray, metrics: dict[str, Any], path: str) -> None:
+    precision, recall, _ = skm.precision_recall_curve(labels, probabilities)
+    figure = Figure(figsize=(5, 5))
+    ax = figure.add_subplot()
+    ax.step(recall, precision, where="post", label=f"PR (AP {metrics['pr_auc']:.3f})")
+    ax.axhline(float(np.mean(labels)), linestyle="--", color="grey", linewidth=1, label="prevalence")
+    _mark_thresholds(ax, [
+        (b["recall"], b["precision"], f"threshold {b['threshold']:.3g}")
+        for b in (metrics["threshold_0.5"], metrics["operating_point"])
+    ])
+    ax.set(xlabel="Recall (sensitivity)", ylabel="Precision (PPV)", title="Precision-recall curve",
+           xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(loc="lower left")
+    _save(figure, path)
+
+
+def confusion_plot(metrics: dict[str, Any], path: str) -> None:
+    blocks = (metrics["threshold_0.5"], metrics["operating_point"])
+    figure = Figure(figsize=(9, 4))
+    for i, block in enumerate(blocks):
+        ax = figure.add_subplot(1, 2, i + 1)
+        matrix = np.asarray(block["confusion_matrix"])
+        ax.imshow(matrix, cmap="Blues", vmin=0)
+        for (row, col), count in np.ndenumerate(matrix):
+            color = "white" if count > matrix.max() / 2 else "black"
+            ax.text(col, row, str(count), ha="center", va="center", color=color, fontsize=13)
+        ax.set_xticks([0, 1], features.CLASS_NAMES)
+        ax.set_yticks([0, 1], features.CLASS_NAMES)
+        ax.set(xlabel="Predicted", ylabel="True", title=f"Threshold {block['threshold']:.3g}")
+    _save(figure, path)
+
+
+def calibration_plot(labels: np.ndarray, probabilities: np.ndarray, path: str, num_bins: int = 10) -> None:
+    observed, predicted = calibration.calibration_curve(
+        labels, probabilities, n_bins=num_bins, strategy="uniform"
+    )
+    figure = Figure(figsize=(5, 6))
+    ax, hist = figure.add_subplot(2, 1, 1), figure.add_subplot(2, 1, 2)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfectly calibrated")
+    ax.plot(predicted, observed, marker="o", label="model")
+    ax.set(ylabel="Fraction PNEUMONIA", title="Calibration (reliability diagram)", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left")
+    hist.hist(probabilities, bins=num_bins, range=(0, 1), color="grey")
+    hist.set(xlabel="Predicted probability of PNEUMONIA", ylabel="Images", xlim=(0, 1))
+    _save(figure, path)
+
+
+def write_all(labels: np.ndarray, probabilities: np.ndarray, metrics: dict[str, Any], output_dir: str) -> list[str]:
+    """Writes roc.png, pr.png, confusion_matrix.png and calibration.png; returns their paths."""
+    paths = [os.path.join(output_dir, name) for name in
+             ("roc.png", "pr.png", "confusion_matrix.png", "calibration.png")]
+    both_classes = len(np.unique(labels)) == 2
+    if both_classes:
+        roc_plot(labels, probabilities, metrics, paths[0])
+        pr_plot(labels, probabilities, metrics, paths[1])
+    confusion_plot(metrics, paths[2])
+    calibration_plot(labels, probabilities, paths[3])
+    return [p for p in paths if os.path.exists(p)]

@@ -1,0 +1,245 @@
+"""Tests of cxr_tfdata.evaluate: metric definitions, threshold choice, bootstrap, and a full evaluation."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr_tfdata import evaluate, model_io
+from tests import eval_fixtures, helpers
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return eval_fixtures.get_tiny_setup(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def evaluated(setup, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("evaluation")
+    config = evaluate.EvaluateConfig(
+        model_path=str(setup.model_path), data_dir=str(setup.data_dir), output_dir=str(output_dir),
+        target_recall=0.9, bootstrap_samples=200, seed=3, batch_size=5,
+    )
+    return config, evaluate.evaluate(config)
+
+
+# --- metric definitions -------------------------------------------------------------------------
+
+def test_binary_metrics_by_hand():
+    labels = np.array([0, 0, 0, 1, 1, 1, 1])
+    probabilities = np.array([0.1, 0.6, 0.4, 0.7, 0.5, 0.2, 0.9])
+    m = evaluate.binary_metrics(labels, probabilities, 0.5)
+    # predicted: 0 1 0 1 1 0 1 -> tn=2 fp=1 fn=1 tp=3 (0.5 counts as positive)
+    assert m["confusion_matrix"] == [[2, 1], [1, 3]]
+    assert m["accuracy"] == pytest.approx(5 / 7)
+    assert m["precision"] == pytest.approx(3 / 4)
+    assert m["recall"] == pytest.approx(3 / 4)
+    assert m["specificity"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(0.75)
+    # AUC: of 12 (pos, neg) pairs the positive scores higher in 9.
+    assert m["roc_auc"] == pytest.approx(9 / 12)
+    assert m["n"] == 7 and m["threshold"] == 0.5
+
+
+def test_operating_threshold_is_highest_reaching_target():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    probabilities = np.clip(rng.normal(0.3 + 0.4 * labels, 0.2), 0, 1).round(2)  # with ties
+    for target in (0.5, 0.8, 0.95, 1.0):
+        t = evaluate.choose_operating_threshold(labels, probabilities, target)
+        assert evaluate.binary_metrics(labels, probabilities, t)["recall"] >= target
+        higher = probabilities[probabilities > t]
+        if higher.size:
+            next_up = higher.min()
+            assert evaluate.binary_metrics(labels, probabilities, next_up)["recall"] < target
+
+
+def test_operating_threshold_needs_positives():
+    with pytest.raises(ValueError, match="no PNEUMONIA"):
+        evaluate.choose_operating_threshold(np.zeros(4), np.linspace(0, 1, 4), 0.9)
+
+
+def test_cluster_weights_take_whole_patients():
+    groups = ["a", "a", "b", "c", "c", "c"]
+    weights = evaluate.cluster_weights(groups, 6, 50, np.random.default_rng(1))
+    assert weights.shape == (50, 6)
+    np.testing.assert_array_equal(weights[:, 0], weights[:, 1])
+    np.testing.assert_array_equal(weights[:, 3], weights[:, 5])
+    # Three patients drawn with replacement per resample.
+    np.testing.assert_array_equal(weights[:, [0, 2, 3]].sum(axis=1), 3)
+    by_image = evaluate.cluster_weights(None, 6, 50, np.random.default_rng(1))
+    np.testing.assert_array_equal(by_image.sum(axis=1), 6)
+
+
+def test_bootstrap_interval_matches_resampled_sklearn():
+    """The weighted (multiplicity) computation equals explicitly resampling the images."""
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 60)
+    probabilities = rng.random(60)
+    groups = [f"p{i // 3}" for i in range(60)]
+    weights = evaluate.cluster_weights(groups, 60, 1, np.random.default_rng(7))[0]
+    index = np.repeat(np.arange(60), weights.astype(int))
+    expected = eval_fixtures.sklearn_metrics(labels[index], probabilities[index], 0.5)
+    predicted = (probabilities >= 0.5).astype(int)
+    threshold_part = evaluate._weighted_threshold_metrics(weights[None], labels, predicted)
+    ranking_part = evaluate._weighted_ranking_metrics(weights[None], labels, probabilities)
+    for key in ("accuracy", "precision", "recall", "specificity", "f1"):
+        assert threshold_part[key][0] == pytest.approx(expected[key])
+    for key in ("roc_auc", "pr_auc"):
+        assert ranking_part[key][0] == pytest.approx(expected[key])
+
+
+def test_bootstrap_intervals_bracket_the_estimate():
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 2, 300)
+    probabilities = np.clip(rng.normal(0.35 + 0.3 * labels, 0.2), 0, 1)
+    intervals = evaluate.bootstrap_intervals(labels, probabilities, {"a": 0.5}, None, 300, 0)["a"]
+    point = evaluate.binary_metrics(labels, probabilities, 0.5)
+    for key in evaluate.HEADLINE_METRICS:
+        low, high = intervals[key]
+        assert low < point[key] < high, key
+        assert high - low < 0.25, key
+
+
+# --- a full evaluation ---------------------------------------------------------------------------
+
+def test_metrics_json_has_stable_keys(evaluated):
+    config, metrics = evaluated
+    on_disk = json.loads((Path(config.output_dir) / "metrics.json").read_text())
+    for key in ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc",
+                "confusion_matrix", "threshold", "n", "ci", "classification_report"):
+        assert key in on_disk, key
+        assert key in on_disk["operating_point"] and key in on_disk["threshold_0.5"], key
+    for key in evaluate.HEADLINE_METRICS:
+        low, high = on_disk[f"{key}_ci"]
+        assert 0.0 <= low <= high <= 1.0, key
+        assert on_disk["ci"][key] == [low, high]
+    assert on_disk["threshold"] == 0.5
+    assert on_disk["n"] == sum(eval_fixtures.SPLIT_SIZES["test"])
+    assert on_disk["bootstrap"]["resampled_by"] == "patient"
+    patients = {r["patient_id"] for r in eval_fixtures.split_records(config.data_dir, "test")}
+    assert on_disk["bootstrap"]["num_clusters"] == len(patients) < on_disk["n"]
+    assert on_disk["accuracy"] == metrics["accuracy"]
+
+
+def _read_predictions(output_dir):
+    with open(f"{output_dir}/predictions.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_metrics_equal_sklearn_from_predictions_csv(evaluated, setup):
+    config, metrics = evaluated
+    rows = _read_predictions(config.output_dir)
+    labels = [int(r["label"]) for r in rows]
+    probabilities = [float(r["probability"]) for r in rows]
+    # Labels and patient ids stay aligned with their images: compare with the records themselves.
+    records = {r["filename"]: r for r in eval_fixtures.split_records(setup.data_dir, "test")}
+    assert sorted(records) == sorted(r["filename"] for r in rows)
+    for row in rows:
+        assert int(row["label"]) == records[row["filename"]]["label"]
+        assert row["patient_id"] == records[row["filename"]]["patient_id"]
+    operating = metrics["operating_point"]
+    for block, threshold in ((dict(metrics), 0.5), (dict(operating), operating["threshold"])):
+        expected = eval_fixtures.sklearn_metrics(labels, probabilities, threshold)
+        assert block.pop("confusion_matrix") == expected.pop("confusion_matrix")
+        for key, value in expected.items():
+            assert block[key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_accuracy_equals_keras_evaluate(evaluated, setup):
+    import keras
+
+    from cxr_tfdata import config as config_lib
+    from cxr_tfdata import input_pipeline
+
+    _, metrics = evaluated
+    model = model_io.load_model(str(setup.model_path))
+    model.compile(loss="binary_crossentropy", metrics=[keras.metrics.BinaryAccuracy(name="acc")])
+    data = input_pipeline.create_dataset(
+        config_lib.DataConfig(data_dir=str(setup.data_dir), image_size=32, cache="off"),
+        "test", batch_size=7, training=False,
+    )
+    result = model.evaluate(data, verbose=0, return_dict=True)
+    assert metrics["accuracy"] == pytest.approx(result["acc"], abs=1e-6)
+    # Not a degenerate model: the comparison would be empty if it predicted one class only.
+    (tn, fp), (fn, tp) = metrics["confusion_matrix"]
+    assert tn + fp > 0 and tp + fn > 0 and 0.0 < metrics["roc_auc"]
+
+
+def test_operating_point_reaches_target_on_val(evaluated):
+    _, metrics = evaluated
+    op = metrics["operating_point"]
+    assert op["val_recall"] >= 0.9
+    assert op["target_recall"] == 0.9 and op["val_split"] == "val"
+    assert op["threshold"] == pytest.approx(op["threshold"])  # a number, not None
+    assert 0.0 <= op["threshold"] <= 1.0
+
+
+def test_report_and_plots_written(evaluated):
+    config, metrics = evaluated
+    out = Path(config.output_dir)
+    report = (out / "report.md").read_text()
+    for text in ("## Summary", "95% CI", "False negatives", "Confusion matrix", "precision",
+                 "resampled by **patient**", f"{metrics['accuracy']:.4f}"):
+        assert text in report, text
+    for name in ("roc.png", "pr.png", "confusion_matrix.png", "calibration.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.size[0] > 100
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+def test_image_size_mismatch_names_both(setup, tmp_path):
+    data_dir = tmp_path / "data48"
+    helpers.write_tiny_dataset(data_dir, {"test": (2, 2), "val": (2, 2)}, image_size=48)
+    config = evaluate.EvaluateConfig(
+        model_path=str(setup.model_path), data_dir=str(data_dir), output_dir=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="32x32") as error:
+        evaluate.evaluate(config)
+    assert "48x48" in str(error.value) and str(setup.model_path) in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_split_lists_available(setup, tmp_path):
+    config = evaluate.EvaluateConfig(
+        model_path=str(setup.model_path), data_dir=str(setup.data_dir),
+        output_dir=str(tmp_path / "out"), split="holdout")
+    with pytest.raises(ValueError, match=r"'holdout'.*\['test', 'train', 'val'\]"):
+        evaluate.evaluate(config)
+
+
+def test_unreadable_model_file_named(tmp_path, setup):
+    bad = tmp_path / "broken.keras"
+    bad.write_bytes(b"this is not a zip archive")
+    config = evaluate.EvaluateConfig(model_path=str(bad), data_dir=str(setup.data_dir),
+                                     output_dir=str(tmp_path / "out"))
+    with pytest.raises(model_io.ModelLoadError, match="broken.keras"):
+        evaluate.evaluate(config)
+    with pytest.raises(model_io.ModelLoadError, match="does not exist"):
+        model_io.load_model(str(tmp_path / "missing.keras"))
+
+
+def test_lambda_model_refused_in_safe_mode(tmp_path):
+    import keras
+
+    inputs = keras.Input((32, 32, 1))
+    outputs = keras.layers.Lambda(lambda x: x * 2.0)(inputs)
+    path = tmp_path / "lambda.keras"
+    keras.Model(inputs, outputs).save(path)
+    with pytest.raises(model_io.ModelLoadError, match="safe mode") as error:
+        model_io.load_model(str(path))
+    assert "lambda.keras" in str(error.value)
+
+
+def test_config_rejects_bad_flags():
+    with pytest.raises(ValueError, match="--target_recall"):
+        evaluate.EvaluateConfig(model_path="m", data_dir="d", output_dir="o", target_recall=1.5)
+    with pytest.raises(ValueError, match="--threshold"):
+        evaluate.EvaluateConfig(model_path="m", data_dir="d", output_dir="o", threshold=-0.1)
