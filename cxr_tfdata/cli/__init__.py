@@ -1,0 +1,1 @@
+"""absl entry points: the only modules that define flags."""
