@@ -1,0 +1,57 @@
+"""cxr-predict: image files or folders to a CSV of pneumonia probabilities, with optional Grad-CAM overlays.
+
+Usage: cxr-predict --model=model.keras [--output_csv=out.csv] [--gradcam_dir=DIR] PATH [PATH ...]
+CSV columns: path, probability, label (class name at --threshold), error (why a file was not read).
+Exit status: 0 when at least one image was predicted (bad files are reported on their rows), 1 when
+every file failed or the model cannot be used, 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+_MODEL = flags.DEFINE_string("model", None, "Trained model (.keras); loaded in Keras safe mode.")
+_OUTPUT_CSV = flags.DEFINE_string("output_csv", None, "Write the CSV here instead of stdout.")
+_GRADCAM_DIR = flags.DEFINE_string("gradcam_dir", None, "Write a Grad-CAM overlay PNG per image here.")
+_RESIZE = flags.DEFINE_enum(
+    "resize", "squash", ["squash", "pad"],
+    "squash: stretch to a square (the converter's default); pad: keep the aspect ratio on black. "
+    "Use what the training records were built with.")
+_THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Probability at or above which the label is PNEUMONIA.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per inference batch.")
+
+
+def main(argv):
+    from cxr_tfdata import predict
+
+    try:
+        config = predict.PredictConfig(
+            model_path=_MODEL.value or "",
+            paths=tuple(argv[1:]),
+            output_csv=_OUTPUT_CSV.value or "",
+            gradcam_dir=_GRADCAM_DIR.value or "",
+            resize=_RESIZE.value,
+            threshold=_THRESHOLD.value,
+            batch_size=_BATCH_SIZE.value,
+        )
+        rows = predict.predict(config, sys.stdout)
+    except (ValueError, OSError) as e:
+        print(f"cxr-predict: error: {e}", file=sys.stderr)
+        return 1
+    failed = [row for row in rows if row.error]
+    for row in failed:
+        print(f"cxr-predict: {row.path}: {row.error}", file=sys.stderr)
+    if len(failed) == len(rows):
+        print(f"cxr-predict: error: none of the {len(rows)} files could be read", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

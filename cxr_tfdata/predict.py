@@ -1,0 +1,249 @@
+"""Image files and folders to pneumonia probabilities, and Grad-CAM overlays of what the model looked at.
+
+Every image goes through the converter's own decode and resize (`tfrecords_builder.imaging`), so a
+file predicted here meets the model exactly as its record did in training; the model holds the rest
+of the preprocessing. A file that cannot be read gets its reason in the `error` column; the others
+go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from cxr_tfdata import features
+from tfrecords_builder import imaging
+
+CSV_COLUMNS = ("path", "probability", "label", "error")
+RESIZE_MODES = ("squash", "pad")
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictConfig:
+    """What cxr-predict runs."""
+
+    model_path: str
+    paths: tuple[str, ...]
+    output_csv: str = ""  # empty: the CSV goes to stdout
+    gradcam_dir: str = ""
+    resize: str = "squash"
+    threshold: float = 0.5
+    batch_size: int = 32
+
+    def __post_init__(self):
+        if not self.model_path:
+            raise ValueError("--model: is required")
+        if not self.paths:
+            raise ValueError("no image files or folders given (pass them as arguments)")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"--resize: must be one of {RESIZE_MODES}, got {self.resize!r}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"--threshold: must be in [0, 1], got {self.threshold}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size: must be >= 1, got {self.batch_size}")
+
+
+@dataclasses.dataclass
+class PredictionRow:
+    path: str
+    probability: float | None = None
+    label: str = ""
+    error: str = ""
+    pixels: np.ndarray | None = dataclasses.field(default=None, repr=False)
+
+
+def _image_extensions() -> set[str]:
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
+def collect_image_paths(paths: list[str] | tuple[str, ...]) -> list[str]:
+    """Files as given, plus every image file under each folder (recursive, sorted).
+
+    Inside folders only files with an extension PIL knows are taken (so a README does not become
+    an error row); files named explicitly are always taken, whatever their extension.
+    """
+    extensions = _image_extensions()
+    collected = []
+    for path in paths:
+        if not os.path.isdir(path):
+            collected.append(path)
+            continue
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            collected.extend(
+                os.path.join(root, name) for name in sorted(files)
+                if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions
+            )
+    return collected
+
+
+def load_image(path: str, image_size: int, pad: bool) -> np.ndarray:
+    """The converter's decode and resize of one file: uint8 [S, S, 1]; ImageError/OSError on failure."""
+    with open(path, "rb") as f:
+        data = f.read()
+    pixels, _ = imaging.decode_and_resize(data, image_size, pad=pad)
+    return pixels
+
+
+def _read_rows(paths: list[str], image_size: int, pad: bool) -> list[PredictionRow]:
+    rows = []
+    for path in paths:
+        row = PredictionRow(path=path)
+        try:
+            row.pixels = load_image(path, image_size, pad)
+        except imaging.ImageError as e:
+            row.error = f"cannot read image: {e}"
+        except OSError as e:
+            row.error = f"cannot open file: {e.strerror or e}"
+        rows.append(row)
+    return rows
+
+
+def predict_rows(model: keras.Model, paths: list[str], image_size: int, pad: bool,
+                 threshold: float, batch_size: int) -> list[PredictionRow]:
+    """One row per path: probability and class name at `threshold`, or the reason it failed."""
+    rows = _read_rows(paths, image_size, pad)
+    readable = [row for row in rows if row.pixels is not None]
+    for start in range(0, len(readable), batch_size):
+        batch = readable[start:start + batch_size]
+        probabilities = np.asarray(
+            model.predict_on_batch(np.stack([row.pixels for row in batch])), np.float32
+        ).reshape(-1)
+        for row, probability in zip(batch, probabilities.tolist(), strict=True):
+            row.probability = probability
+            row.label = features.CLASS_NAMES[int(probability >= threshold)]
+    return rows
+
+
+def rows_to_csv(rows: list[PredictionRow], stream: io.TextIOBase) -> None:
+    writer = csv.writer(stream, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for row in rows:
+        probability = "" if row.probability is None else f"{row.probability:.9g}"
+        writer.writerow([row.path, probability, row.label, row.error])
+
+
+def _output_rank(layer) -> int | None:
+    try:
+        return len(layer.output.shape)
+    except (AttributeError, ValueError):  # a layer never called in a graph has no output
+        return None
+
+
+def find_gradcam_layer(model: keras.Model) -> keras.layers.Layer:
+    """The layer producing the model's last 4-D feature map, searching inside nested models.
+
+    A nested base model whose output is 4-D (ResNet50V2 with include_top=False) is itself that
+    layer; one that pools inside (pooling="avg") is searched for its own last 4-D layer.
+    """
+    for layer in reversed(model.layers):
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        if isinstance(layer, keras.Model) and _output_rank(layer) != 4:
+            try:
+                return find_gradcam_layer(layer)
+            except ValueError:
+                continue
+        if _output_rank(layer) == 4:
+            return layer
+    raise ValueError(f"model {model.name!r} has no layer with a 4-D feature map for Grad-CAM")
+
+
+def gradcam_heatmaps(model: keras.Model, images: np.ndarray, layer: keras.layers.Layer | None = None) -> np.ndarray:
+    """Grad-CAM of the PNEUMONIA probability: [N, S, S] float32 in [0, 1], one per image.
+
+    The feature map is captured by wrapping the layer's `call` for one eager forward pass, which
+    works at any nesting depth. The input is watched so frozen (non-trainable) layers still record
+    gradients.
+    """
+    layer = layer or find_gradcam_layer(model)
+    captured = []
+    original_call = layer.call
+
+    def capturing_call(*args, **kwargs):
+        outputs = original_call(*args, **kwargs)
+        captured.append(outputs)
+        return outputs
+
+    inputs = tf.convert_to_tensor(np.asarray(images, np.float32))
+    # object.__setattr__ skips Keras' attribute tracking: this is a temporary instance override.
+    object.__setattr__(layer, "call", capturing_call)
+    try:
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            probabilities = model(inputs, training=False)
+            score = tf.reduce_sum(tf.cast(probabilities, tf.float32))
+    finally:
+        object.__delattr__(layer, "call")  # back to the class's own method
+    if not captured:
+        raise ValueError(f"layer {layer.name!r} did not run in the forward pass")
+    feature_map = captured[-1]
+    gradients = tf.cast(tape.gradient(score, feature_map), tf.float32)
+    feature_map = tf.cast(feature_map, tf.float32)
+    channel_weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
+    cam = tf.nn.relu(tf.reduce_sum(feature_map * channel_weights, axis=-1, keepdims=True))
+    cam = tf.image.resize(cam, images.shape[1:3], method="bilinear")[..., 0]
+    peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
+    return tf.where(peak > 0, cam / tf.maximum(peak, 1e-12), tf.zeros_like(cam)).numpy()
+
+
+def overlay(pixels: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """uint8 RGB [S, S, 3]: the grayscale image with the heatmap in the jet colour map on top."""
+    from matplotlib import colormaps
+
+    gray = np.repeat(np.asarray(pixels, np.float32).reshape(*heatmap.shape, 1), 3, axis=-1)
+    colours = colormaps["jet"](np.clip(heatmap, 0, 1))[..., :3] * 255.0
+    return np.clip((1 - alpha) * gray + alpha * colours, 0, 255).round().astype(np.uint8)
+
+
+def write_gradcams(model: keras.Model, rows: list[PredictionRow], gradcam_dir: str, batch_size: int) -> list[str]:
+    """One `<stem>_gradcam.png` per readable image (a numeric suffix keeps equal stems apart)."""
+    os.makedirs(gradcam_dir, exist_ok=True)
+    layer = find_gradcam_layer(model)
+    readable = [row for row in rows if row.pixels is not None]
+    used, written = set(), []
+    for start in range(0, len(readable), batch_size):
+        batch = readable[start:start + batch_size]
+        heatmaps = gradcam_heatmaps(model, np.stack([row.pixels for row in batch]), layer)
+        for row, heatmap in zip(batch, heatmaps, strict=True):
+            stem = os.path.splitext(os.path.basename(row.path))[0]
+            name, suffix = f"{stem}_gradcam.png", 1
+            while name in used:
+                name, suffix = f"{stem}_gradcam_{suffix}.png", suffix + 1
+            used.add(name)
+            path = os.path.join(gradcam_dir, name)
+            Image.fromarray(overlay(row.pixels, heatmap), mode="RGB").save(path, format="PNG")
+            written.append(path)
+    return written
+
+
+def predict(config: PredictConfig, stream: io.TextIOBase) -> list[PredictionRow]:
+    """Runs cxr-predict: the CSV to `config.output_csv` (atomically) or to `stream`."""
+    from cxr_tfdata import evaluate, model_io
+
+    model = model_io.load_model(config.model_path)
+    image_size = model_io.model_image_size(model, config.model_path)
+    paths = collect_image_paths(config.paths)
+    if not paths:
+        raise ValueError(f"no image files found in {list(config.paths)}")
+    rows = predict_rows(model, paths, image_size, config.resize == "pad", config.threshold,
+                        config.batch_size)
+    if config.gradcam_dir:
+        write_gradcams(model, rows, config.gradcam_dir, config.batch_size)
+    if config.output_csv:
+        buf = io.StringIO()
+        rows_to_csv(rows, buf)
+        directory = os.path.dirname(os.path.abspath(config.output_csv))
+        os.makedirs(directory, exist_ok=True)
+        evaluate.write_text_atomic(config.output_csv, buf.getvalue())
+    else:
+        rows_to_csv(rows, stream)
+    return rows
