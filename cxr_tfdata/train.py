@@ -1,0 +1,500 @@
+"""train_and_evaluate(config): both ResNet50V2 transfer stages, their callbacks, checkpoints and resume.
+
+Files in `config.model_dir`:
+  config.json                      the run's frozen config, written before the first step
+  frozen_best.keras, finetune_best.keras   best model of each stage (lowest val_loss)
+  final.keras                      the best model of the last stage run
+  history_frozen.csv, history_finetune.csv   one row per completed epoch
+  metrics.json                     val metrics of each stage's best model
+  logs/<stage>/                    TensorBoard
+  checkpoints/<stage>_last.weights.h5, checkpoints/<stage>_state.json   resume state
+Every file is written to a temporary name in the same directory and renamed into place, so a kill
+at any moment leaves either the old or the new version, never half a file.
+
+Resume: the per-epoch checkpoint holds the model and optimizer variables (Keras `save_weights`
+includes the optimizer of a compiled model); the state file holds the epoch, the best val_loss, the
+EarlyStopping and ReduceLROnPlateau counters and the learning rate, which Keras' own
+BackupAndRestore does not keep. A restarted run reloads both and continues at the next epoch; the
+best model is only replaced when val_loss improves on the persisted best.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from cxr_tfdata import features, input_pipeline
+from cxr_tfdata import model as model_lib
+from cxr_tfdata import precision as precision_lib
+from cxr_tfdata.config import StageConfig, TrainConfig, to_dict
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+FINAL_MODEL_FILE = "final.keras"
+MONITOR = "val_loss"
+# Settings a run may be restarted with a different value of.
+RESTARTABLE_WITH_OTHER = {"stage"}
+
+
+class ConfigMismatchError(ValueError):
+    """A model_dir holds a run started with different settings."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePaths:
+    best_model: str
+    last_weights: str
+    state: str
+    history_csv: str
+    log_dir: str
+
+
+def stage_paths(model_dir: str, stage: str) -> StagePaths:
+    checkpoints = os.path.join(model_dir, "checkpoints")
+    return StagePaths(
+        best_model=os.path.join(model_dir, f"{stage}_best.keras"),
+        last_weights=os.path.join(checkpoints, f"{stage}_last.weights.h5"),
+        state=os.path.join(checkpoints, f"{stage}_state.json"),
+        history_csv=os.path.join(model_dir, f"history_{stage}.csv"),
+        log_dir=os.path.join(model_dir, "logs", stage),
+    )
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def _temporary_path(path: str, suffix: str = "") -> str:
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".tmp-{os.getpid()}-{name}{suffix}")
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    tmp = _temporary_path(path)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_model_atomic(model: keras.Model, path: str) -> None:
+    """model.save to a temporary .keras name in the same directory, then rename over `path`."""
+    tmp = _temporary_path(path, ".keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def save_weights_atomic(model: keras.Model, path: str) -> None:
+    tmp = _temporary_path(path, ".weights.h5")
+    model.save_weights(tmp)
+    os.replace(tmp, path)
+
+
+def copy_atomic(source: str, path: str) -> None:
+    tmp = _temporary_path(path)
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------- config.json
+
+
+def prepare_model_dir(config: TrainConfig, overwrite: bool = False) -> None:
+    """Creates model_dir and writes config.json; an existing run with other settings is an error
+    (except --stage: a frozen-only run may be continued with --stage=finetune).
+
+    overwrite=True discards the earlier run's checkpoints and state (the .keras files are
+    overwritten as the new run produces them) and starts from epoch 0.
+    """
+    os.makedirs(os.path.join(config.model_dir, "checkpoints"), exist_ok=True)
+    path = os.path.join(config.model_dir, CONFIG_FILE)
+    wanted = json.loads(json.dumps(to_dict(config)))
+    if os.path.exists(path) and not overwrite:
+        existing = _read_json(path)
+        # The stage may differ: --stage=frozen, then --stage=finetune, is one run in two steps.
+        differing = sorted(set(_differing_keys(existing, wanted)) - RESTARTABLE_WITH_OTHER)
+        if differing:
+            raise ConfigMismatchError(
+                f"--model_dir={config.model_dir} holds a run with different settings "
+                f"({', '.join(differing)}; see {path}). Restart with the same flags to resume, use "
+                f"another --model_dir, or pass --overwrite to discard that run."
+            )
+    if overwrite:
+        shutil.rmtree(os.path.join(config.model_dir, "checkpoints"))
+        os.makedirs(os.path.join(config.model_dir, "checkpoints"))
+    write_json_atomic(path, wanted)
+
+
+def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = set(a) | set(b)
+        return [k for key in keys for k in _differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+# ----------------------------------------------------------------------------- callbacks
+
+
+def initial_stage_state(stage: StageConfig) -> dict[str, Any]:
+    return {
+        "epochs_completed": 0,
+        "completed": False,
+        "stop_training": False,
+        "best_val_loss": None,
+        "best_epoch": None,
+        "learning_rate": stage.learning_rate,
+        "early_stopping": None,
+        "reduce_lr": None,
+        "history": [],
+    }
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """EarlyStopping whose counters (and best weights) survive a restart."""
+
+    def __init__(self, *args, initial_state=None, initial_best_weights=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._initial_state = initial_state
+        self._initial_best_weights = initial_best_weights
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self._initial_state:
+            self.wait = self._initial_state["wait"]
+            self.best = self._initial_state["best"]
+            self.best_epoch = self._initial_state["best_epoch"]
+            self.best_weights = self._initial_best_weights
+
+    def get_state(self) -> dict[str, Any]:
+        best = None if self.best is None else float(self.best)
+        return {"wait": int(self.wait), "best": best, "best_epoch": int(self.best_epoch)}
+
+
+class ResumableReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
+    """ReduceLROnPlateau whose wait/cooldown/best survive a restart (the LR lives in the optimizer)."""
+
+    def __init__(self, *args, initial_state=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._initial_state = initial_state
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self._initial_state:
+            self.wait = self._initial_state["wait"]
+            self.cooldown_counter = self._initial_state["cooldown_counter"]
+            self.best = self._initial_state["best"]
+
+    def get_state(self) -> dict[str, Any]:
+        best = None if self.best is None else float(self.best)
+        return {"wait": int(self.wait), "cooldown_counter": int(self.cooldown_counter), "best": best}
+
+
+class EpochLearningRateDecay(keras.callbacks.Callback):
+    """Multiplies the LR by `rate` at the start of every epoch after the first.
+
+    The notebook's exponential decay, expressed per epoch and relative to the current LR, so that
+    ReduceLROnPlateau (which needs a settable float LR, not a LearningRateSchedule) can still
+    lower the same LR and both effects compound. Resume-safe: the LR at the end of the last
+    completed epoch is restored, and the next epoch applies its decay once.
+    """
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch > 0 and self.rate != 1.0:
+            optimizer = self.model.optimizer
+            optimizer.learning_rate = float(optimizer.learning_rate) * self.rate
+
+
+def _learning_rate(model: keras.Model) -> float:
+    return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+
+
+class StageCheckpoint(keras.callbacks.Callback):
+    """At each epoch end: best model if val_loss improved on the persisted best, history CSV,
+    last weights (model + optimizer), then the state file, in that order (the state file is
+    the commit point: a kill before it costs at most the epoch that was being saved)."""
+
+    def __init__(self, paths: StagePaths, state: dict[str, Any], early_stopping, reduce_lr):
+        super().__init__()
+        self.paths = paths
+        self.state = state
+        self.early_stopping = early_stopping
+        self.reduce_lr = reduce_lr
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {key: float(value) for key, value in (logs or {}).items()}
+        val_loss = logs.get(MONITOR)
+        if val_loss is None:
+            raise ValueError(f"no {MONITOR} in the epoch logs {sorted(logs)}: validation did not run")
+        best = self.state["best_val_loss"]
+        if best is None or val_loss < best:
+            save_model_atomic(self.model, self.paths.best_model)
+            self.state["best_val_loss"] = val_loss
+            self.state["best_epoch"] = epoch
+            logging.info("Epoch %d: val_loss %.5f improved on %s, saved %s", epoch + 1, val_loss, best,
+                         self.paths.best_model)
+        self.state["history"].append({"epoch": epoch, **logs})
+        write_text_atomic(self.paths.history_csv, history_csv_text(self.state["history"]))
+        save_weights_atomic(self.model, self.paths.last_weights)
+        self.state.update(
+            epochs_completed=epoch + 1,
+            stop_training=bool(self.model.stop_training),
+            learning_rate=_learning_rate(self.model),
+            early_stopping=self.early_stopping.get_state(),
+            reduce_lr=self.reduce_lr.get_state(),
+        )
+        write_json_atomic(self.paths.state, self.state)
+
+
+def history_csv_text(rows: Sequence[dict[str, Any]]) -> str:
+    columns = ["epoch"] + sorted({key for row in rows for key in row} - {"epoch"})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def stage_callbacks(
+    stage: StageConfig, paths: StagePaths, state: dict[str, Any], best_weights=None
+) -> list[keras.callbacks.Callback]:
+    """EarlyStopping and ReduceLROnPlateau before the checkpoint, so it records their new state."""
+    early_stopping = ResumableEarlyStopping(
+        monitor=MONITOR, patience=stage.early_stopping_patience, restore_best_weights=True,
+        verbose=1, initial_state=state["early_stopping"], initial_best_weights=best_weights,
+    )
+    reduce_lr = ResumableReduceLROnPlateau(
+        monitor=MONITOR, patience=stage.reduce_lr_patience, factor=stage.reduce_lr_factor,
+        min_lr=stage.min_learning_rate, verbose=1, initial_state=state["reduce_lr"],
+    )
+    return [
+        EpochLearningRateDecay(stage.lr_decay_per_epoch),
+        early_stopping,
+        reduce_lr,
+        StageCheckpoint(paths, state, early_stopping, reduce_lr),
+        *_tensorboard(paths.log_dir),
+    ]
+
+
+def _tensorboard(log_dir: str) -> list[keras.callbacks.Callback]:
+    # TensorFlow >= 2.20 no longer installs TensorBoard; training must not depend on it.
+    if importlib.util.find_spec("tensorboard") is None:
+        logging.warning("TensorBoard is not installed (pip install tensorboard): no logs in %s", log_dir)
+        return []
+    return [keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False, profile_batch=0)]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _with_sample_weights(dataset: tf.data.Dataset, class_weights: dict[int, float]) -> tf.data.Dataset:
+    """Class weights as per-example sample weights (works for distributed datasets too)."""
+    table = tf.constant([class_weights[i] for i in range(len(class_weights))], tf.float32)
+
+    def add_weights(images, labels):
+        return images, labels, tf.gather(table, tf.cast(labels, tf.int32))
+
+    return dataset.map(add_weights, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def make_datasets(config: TrainConfig, stage: StageConfig, strategy: tf.distribute.Strategy,
+                  class_weights: dict[int, float]):
+    """(distributed train dataset repeating forever, val dataset, steps per epoch)."""
+    replicas = strategy.num_replicas_in_sync
+    global_batch = stage.batch_size * replicas
+    num_train = input_pipeline.split_num_examples(config.data.data_dir, "train")
+    steps = num_train // global_batch
+    if steps == 0:
+        raise ValueError(
+            f"--{stage.name}_batch_size={stage.batch_size} x {replicas} replica(s) = {global_batch} is "
+            f"more than the {num_train} train examples in {config.data.data_dir}"
+        )
+    if config.steps_per_epoch:
+        steps = min(steps, config.steps_per_epoch)
+    augment = config.augment if config.augment.placement == "cpu" else None
+
+    def train_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
+        per_replica = input_context.get_per_replica_batch_size(global_batch)
+        dataset = input_pipeline.create_dataset(
+            config.data, "train", per_replica, training=True, augment=augment,
+            input_context=input_context, repeat=True,
+        )
+        return _with_sample_weights(dataset, class_weights)
+
+    train = strategy.distribute_datasets_from_function(train_fn)
+    # Val keeps its last partial batch; Keras splits each global batch over the replicas itself.
+    val = input_pipeline.create_dataset(config.data, "val", global_batch, training=False)
+    logging.info("Stage %s: global batch %d (%d x %d replicas), %d steps per epoch",
+                 stage.name, global_batch, stage.batch_size, replicas, steps)
+    return train, val, steps
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def compile_for_stage(model: keras.Model, stage: StageConfig, config: TrainConfig) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=stage.learning_rate),
+        loss=keras.losses.BinaryCrossentropy(),
+        metrics=[
+            keras.metrics.BinaryAccuracy(name="accuracy"),
+            keras.metrics.Precision(name="precision"),
+            keras.metrics.Recall(name="recall"),
+            keras.metrics.AUC(name="auc"),
+        ],
+        jit_compile=config.jit_compile,
+    )
+
+
+def _load_model_weights(path: str, what: str) -> list:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: {what}")
+    return keras.saving.load_model(path, compile=False, safe_mode=True).get_weights()
+
+
+def build_stage_model(config: TrainConfig, stage: StageConfig, state: dict[str, Any],
+                      paths: StagePaths) -> keras.Model:
+    """The stage's model, compiled; from its last checkpoint when resuming, else from its start
+    point (random/ImageNet base for frozen, the frozen stage's best model for finetune)."""
+    model = model_lib.build_model(
+        config.data.image_size, config.model, config.augment,
+        head_batch_norm=stage.name == "finetune", seed=config.data.seed,
+    )
+    if stage.name == "finetune" and state["epochs_completed"] == 0:
+        frozen_best = stage_paths(config.model_dir, "frozen").best_model
+        source = keras.saving.load_model(frozen_best, compile=False, safe_mode=True) if os.path.exists(
+            frozen_best) else None
+        if source is None:
+            raise FileNotFoundError(
+                f"{frozen_best} not found: the finetune stage starts from the frozen stage's best "
+                f"model; run --stage=frozen (or --stage=both) with this --model_dir first"
+            )
+        model_lib.transfer_weights(source, model)
+    model_lib.configure_trainable(model, stage.name, config.model)
+    compile_for_stage(model, stage, config)
+    if state["epochs_completed"] > 0:
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(paths.last_weights)
+        model.optimizer.learning_rate = state["learning_rate"]
+        logging.info("Resuming stage %s after epoch %d (lr %g) from %s", stage.name,
+                     state["epochs_completed"], state["learning_rate"], paths.last_weights)
+    return model
+
+
+def _fit(model, train, val, steps, stage, state, callbacks, config):
+    try:
+        return model.fit(
+            train, validation_data=val, epochs=stage.epochs, initial_epoch=state["epochs_completed"],
+            steps_per_epoch=steps, callbacks=callbacks, verbose=2,
+        )
+    except input_pipeline.CorruptShardError:
+        raise
+    except tf.errors.DataLossError as e:
+        corrupt = [f"{path} ({reason})" for split in ("train", "val")
+                   for path, reason in input_pipeline.find_corrupt_shards(config.data.data_dir, split)]
+        raise RuntimeError(
+            f"corrupt input while training: {', '.join(corrupt) or 'no shard found corrupt on re-read'}"
+            f"; rebuild the dataset with cxr-build-tfrecords"
+        ) from e
+
+
+def run_stage(config: TrainConfig, stage: StageConfig, strategy: tf.distribute.Strategy,
+              class_weights: dict[int, float], extra_callbacks=()) -> dict[str, float]:
+    """Trains one stage to completion (or resumes it) and returns its best model's val metrics."""
+    paths = stage_paths(config.model_dir, stage.name)
+    state = _read_json(paths.state) if os.path.exists(paths.state) else initial_stage_state(stage)
+    if state["completed"]:
+        logging.info("Stage %s already completed in %s; not rerun", stage.name, config.model_dir)
+        return _read_json(os.path.join(config.model_dir, METRICS_FILE))[stage.name]
+    train, val, steps = make_datasets(config, stage, strategy, class_weights)
+    with strategy.scope():
+        model = build_stage_model(config, stage, state, paths)
+    best_weights = None
+    if state["early_stopping"] is not None:
+        best_weights = _load_model_weights(paths.best_model, "the best model of the resumed stage")
+    callbacks = stage_callbacks(stage, paths, state, best_weights) + list(extra_callbacks)
+    started = time.monotonic()
+    if not state["stop_training"] and state["epochs_completed"] < stage.epochs:
+        _fit(model, train, val, steps, stage, state, callbacks, config)
+    model.set_weights(_load_model_weights(paths.best_model, "no epoch of this stage completed"))
+    results = model.evaluate(val, return_dict=True, verbose=0)
+    metrics = {f"val_{key}": float(value) for key, value in results.items()}
+    metrics.update(best_epoch=state["best_epoch"], epochs_run=state["epochs_completed"],
+                   steps_per_epoch=steps, seconds_this_run=round(time.monotonic() - started, 1))
+    _record_stage_metrics(config.model_dir, stage.name, metrics)
+    state["completed"] = True
+    write_json_atomic(paths.state, state)
+    return metrics
+
+
+def _record_stage_metrics(model_dir: str, stage: str, metrics: dict[str, Any]) -> None:
+    path = os.path.join(model_dir, METRICS_FILE)
+    all_metrics = _read_json(path) if os.path.exists(path) else {}
+    all_metrics[stage] = metrics
+    write_json_atomic(path, all_metrics)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _check_weights_before_data(config: TrainConfig) -> None:
+    """Weights problems surface before any dataset is built or any file is written."""
+    if config.model.weights == "imagenet":
+        how = model_lib.check_imagenet_weights_available()
+        logging.info("ImageNet weights %s", how)
+    elif config.model.weights_path:
+        model_lib.check_weights_file(config.model.weights_path)
+
+
+def train_and_evaluate(config: TrainConfig, overwrite: bool = False,
+                       extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict[str, Any]:
+    """Runs the configured stages in `config.model_dir` (resuming a killed run) and returns the
+    val metrics of each stage's best model (also in metrics.json)."""
+    _check_weights_before_data(config)
+    manifest = features.read_manifest(config.data.data_dir)
+    if int(manifest["image_size"]) != config.data.image_size:
+        raise ValueError(
+            f"--image_size={config.data.image_size}: the dataset in {config.data.data_dir} holds "
+            f"{manifest['image_size']}x{manifest['image_size']} images; pass that size or rebuild the "
+            f"dataset with cxr-build-tfrecords --image_size={config.data.image_size}"
+        )
+    prepare_model_dir(config, overwrite=overwrite)
+    keras.utils.set_random_seed(config.data.seed)
+    if config.data.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    precision_lib.set_precision_policy(config.mixed_precision)
+    strategy = precision_lib.choose_strategy(config.distribution)
+    counts = features.split_info(manifest, "train", config.data.data_dir)["class_counts"]
+    class_weights = input_pipeline.class_weights_from_counts(counts)
+    logging.info("Class weights %s from train counts %s", class_weights, counts)
+    results = {}
+    for name in config.stages:
+        stage = config.frozen if name == "frozen" else config.finetune
+        results[name] = run_stage(config, stage, strategy, class_weights, extra_callbacks)
+    last_best = stage_paths(config.model_dir, config.stages[-1]).best_model
+    copy_atomic(last_best, os.path.join(config.model_dir, FINAL_MODEL_FILE))
+    return results

@@ -1,0 +1,224 @@
+"""Tests of cxr_tfdata.train: both stages end to end on tiny records, resume after a kill, checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from cxr_tfdata import train
+from cxr_tfdata.config import AugmentConfig, DataConfig, ModelConfig, StageConfig, TrainConfig
+from tests.helpers import write_tiny_dataset
+
+IMAGE_SIZE = 32
+
+
+class Interrupted(RuntimeError):
+    """Stands for a kill right after an epoch's checkpoint was written."""
+
+
+class InterruptAfterEpoch(keras.callbacks.Callback):
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise Interrupted(f"killed after epoch {epoch}")
+
+
+@pytest.fixture(autouse=True)
+def float32_policy():
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("records")
+    write_tiny_dataset(path, {"train": (16, 16), "val": (4, 4), "test": (2, 2)}, image_size=IMAGE_SIZE)
+    return str(path)
+
+
+def _config(data_dir, model_dir, stage="frozen", **overrides) -> TrainConfig:
+    return TrainConfig(
+        model_dir=str(model_dir),
+        data=DataConfig(data_dir=data_dir, image_size=IMAGE_SIZE, seed=1),
+        augment=AugmentConfig(placement="none"),
+        model=ModelConfig(weights="none"),
+        frozen=StageConfig(name="frozen", batch_size=8, epochs=4, learning_rate=1e-2),
+        finetune=StageConfig(name="finetune", batch_size=8, epochs=2, learning_rate=1e-3,
+                             lr_decay_per_epoch=0.9, early_stopping_patience=15, reduce_lr_patience=5),
+        stage=stage,
+        mixed_precision="mixed_bfloat16",
+        **overrides,
+    )
+
+
+def _history(model_dir, stage):
+    with open(os.path.join(model_dir, f"history_{stage}.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def _state(model_dir, stage):
+    with open(os.path.join(model_dir, "checkpoints", f"{stage}_state.json")) as f:
+        return json.load(f)
+
+
+def _digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def frozen_run(data_dir, tmp_path_factory):
+    """The frozen stage killed after its 2nd epoch, then restarted with the same config."""
+    model_dir = tmp_path_factory.mktemp("model")
+    config = _config(data_dir, model_dir)
+    with pytest.raises(Interrupted):
+        train.train_and_evaluate(config, extra_callbacks=[InterruptAfterEpoch(1)])
+    interrupted = {
+        "state": _state(model_dir, "frozen"),
+        "best_digest": _digest(model_dir / "frozen_best.keras"),
+        "config_json": json.loads((model_dir / "config.json").read_text()),
+    }
+    metrics = train.train_and_evaluate(config)
+    return model_dir, config, interrupted, metrics
+
+
+@pytest.mark.slow
+def test_interrupted_run_had_committed_two_epochs_and_its_config(frozen_run):
+    model_dir, config, interrupted, _ = frozen_run
+    assert interrupted["state"]["epochs_completed"] == 2
+    assert not interrupted["state"]["completed"]
+    assert interrupted["config_json"]["frozen"]["learning_rate"] == config.frozen.learning_rate
+    assert interrupted["config_json"]["data"]["data_dir"] == config.data.data_dir
+
+
+@pytest.mark.slow
+def test_resume_continues_at_the_next_epoch_and_keeps_the_best_model(frozen_run):
+    model_dir, config, interrupted, metrics = frozen_run
+    state = _state(model_dir, "frozen")
+    assert [int(row["epoch"]) for row in _history(model_dir, "frozen")] == [0, 1, 2, 3]
+    assert state["epochs_completed"] == 4 and state["completed"]
+    best_before = interrupted["state"]["best_val_loss"]
+    assert state["best_val_loss"] <= best_before
+    if state["best_epoch"] < 2:  # no improvement after the restart: the very same file
+        assert _digest(model_dir / "frozen_best.keras") == interrupted["best_digest"]
+    val_losses = [float(row["val_loss"]) for row in _history(model_dir, "frozen")]
+    assert state["best_val_loss"] == pytest.approx(min(val_losses))
+    assert metrics["frozen"]["val_loss"] == pytest.approx(min(val_losses), rel=1e-3)
+
+
+@pytest.mark.slow
+def test_frozen_stage_learns_and_writes_its_outputs(frozen_run):
+    model_dir, _, _, metrics = frozen_run
+    losses = [float(row["loss"]) for row in _history(model_dir, "frozen")]
+    assert losses[-1] < losses[0]
+    for name in ("frozen_best.keras", "final.keras", "config.json", "metrics.json", "history_frozen.csv"):
+        assert (model_dir / name).is_file(), name
+    assert os.listdir(model_dir / "logs" / "frozen")
+    on_disk = json.loads((model_dir / "metrics.json").read_text())
+    assert set(on_disk["frozen"]) >= {"val_loss", "val_accuracy", "val_precision", "val_recall", "val_auc"}
+    assert on_disk == json.loads(json.dumps(metrics))
+    assert not [n for n in os.listdir(model_dir) if n.startswith(".tmp-")]
+
+
+@pytest.mark.slow
+def test_finetune_stage_starts_from_frozen_best_and_learns(frozen_run, data_dir):
+    model_dir, config, _, _ = frozen_run
+    frozen_digest = _digest(model_dir / "frozen_best.keras")
+    # --stage=finetune later in the same model_dir continues the run (stage is not a setting that must match).
+    metrics = train.train_and_evaluate(dataclasses.replace(config, stage="finetune"))
+    losses = [float(row["loss"]) for row in _history(model_dir, "finetune")]
+    assert len(losses) == 2 and losses[-1] < losses[0]
+    assert _digest(model_dir / "frozen_best.keras") == frozen_digest
+    assert _digest(model_dir / "final.keras") == _digest(model_dir / "finetune_best.keras")
+    model = keras.saving.load_model(str(model_dir / "final.keras"), safe_mode=True)
+    assert model.get_layer("head_batch_norm") is not None
+    assert set(json.loads((model_dir / "metrics.json").read_text())) == {"frozen", "finetune"}
+    assert metrics["finetune"]["epochs_run"] == 2
+
+
+def test_restart_with_different_settings_is_refused_naming_them(data_dir, tmp_path):
+    train.prepare_model_dir(_config(data_dir, tmp_path))
+    changed = _config(data_dir, tmp_path, steps_per_epoch=3)
+    with pytest.raises(train.ConfigMismatchError, match="steps_per_epoch"):
+        train.prepare_model_dir(changed)
+    train.prepare_model_dir(changed, overwrite=True)
+    assert json.loads((tmp_path / "config.json").read_text())["steps_per_epoch"] == 3
+
+
+def test_image_size_other_than_the_datasets_names_the_flag(data_dir, tmp_path):
+    config = dataclasses.replace(_config(data_dir, tmp_path), data=DataConfig(data_dir=data_dir, image_size=64))
+    with pytest.raises(ValueError, match="--image_size=64"):
+        train.train_and_evaluate(config)
+    assert not (tmp_path / "config.json").exists()
+
+
+def _tiny_compiled_model():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
+    return model
+
+
+def test_best_model_is_replaced_only_when_val_loss_improves_on_the_persisted_best(tmp_path):
+    stage = StageConfig()
+    paths = train.stage_paths(str(tmp_path), "frozen")
+    os.makedirs(os.path.dirname(paths.state))
+    model = _tiny_compiled_model()
+    state = train.initial_stage_state(stage)
+    state["best_val_loss"] = 0.5  # persisted by an earlier, killed run
+    callbacks = train.stage_callbacks(stage, paths, state)
+    checkpoint = next(c for c in callbacks if isinstance(c, train.StageCheckpoint))
+    for c in callbacks:
+        c.set_model(model)
+        c.on_train_begin()
+    checkpoint.on_epoch_end(3, {"loss": 0.7, "val_loss": 0.6})
+    assert not os.path.exists(paths.best_model)
+    assert _state(tmp_path, "frozen")["epochs_completed"] == 4
+    checkpoint.on_epoch_end(4, {"loss": 0.6, "val_loss": 0.4})
+    assert os.path.exists(paths.best_model)
+    saved = _state(tmp_path, "frozen")
+    assert saved["best_val_loss"] == pytest.approx(0.4) and saved["best_epoch"] == 4
+    assert [int(row["epoch"]) for row in _history(tmp_path, "frozen")] == [3, 4]
+
+
+def test_callback_state_survives_a_restart(tmp_path):
+    stage = StageConfig(early_stopping_patience=5, reduce_lr_patience=2)
+    persisted = {"wait": 3, "best": 0.25, "best_epoch": 6}
+    early_stopping = train.ResumableEarlyStopping(
+        monitor="val_loss", patience=5, restore_best_weights=True, initial_state=persisted,
+        initial_best_weights=[np.zeros((2, 1), np.float32), np.zeros((1,), np.float32)])
+    reduce_lr = train.ResumableReduceLROnPlateau(
+        monitor="val_loss", patience=stage.reduce_lr_patience, factor=0.5,
+        initial_state={"wait": 1, "cooldown_counter": 0, "best": 0.25})
+    model = _tiny_compiled_model()
+    for callback in (early_stopping, reduce_lr):
+        callback.set_model(model)
+        callback.on_train_begin()
+    assert early_stopping.get_state() == persisted
+    # One more epoch without improvement: ReduceLROnPlateau's patience (2) runs out, as it would have.
+    lr_before = float(model.optimizer.learning_rate)
+    reduce_lr.on_epoch_end(7, {"val_loss": 0.3})
+    assert float(model.optimizer.learning_rate) == pytest.approx(lr_before * 0.5)
+    early_stopping.on_epoch_end(7, {"val_loss": 0.3})
+    early_stopping.on_epoch_end(8, {"val_loss": 0.3})
+    assert model.stop_training and early_stopping.get_state()["wait"] == 5
+
+
+def test_per_epoch_decay_compounds_with_plateau_reductions():
+    model = _tiny_compiled_model()
+    decay = train.EpochLearningRateDecay(0.5)
+    decay.set_model(model)
+    decay.on_epoch_begin(0)
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-3)
+    model.optimizer.learning_rate = 1e-4  # as ReduceLROnPlateau would set it
+    decay.on_epoch_begin(1)
+    assert float(model.optimizer.learning_rate) == pytest.approx(5e-5)
