@@ -34,23 +34,45 @@ from cxr_tfdata.config import AugmentConfig
 _FILL_MODES = {"nearest": "NEAREST", "constant": "CONSTANT", "reflect": "REFLECT", "wrap": "WRAP"}
 
 
+_MASK32 = 0xFFFFFFFF
+
+
 def _as_seed(seed) -> tf.Tensor:
-    """A [2] int32 stateless seed from an int, a pair, or a seed tensor of any integer dtype."""
+    """A [2] int64 seed (each in [0, 2**32)) from an int, a pair, or a seed tensor of any integer dtype."""
     if isinstance(seed, int):
-        return tf.constant([seed, 0], tf.int32)
-    seed = tf.convert_to_tensor(seed)
-    if seed.dtype != tf.int32:
-        # int64/uint32 seeds (tf.data, Keras SeedGenerator) are folded to int32 bit patterns.
-        seed = tf.cast(tf.bitwise.bitwise_and(tf.cast(seed, tf.int64), 0x7FFFFFFF), tf.int32)
-    return tf.reshape(seed, [2])
+        seed = [seed, 0]
+    seed = tf.cast(tf.reshape(tf.convert_to_tensor(seed), [2]), tf.int64)
+    return tf.bitwise.bitwise_and(seed, _MASK32)
+
+
+def _mix32(x: tf.Tensor) -> tf.Tensor:
+    # An integer avalanche hash on 32-bit values held in int64: products stay below 2**59, so no
+    # overflow, and every op is plain integer arithmetic that XLA and TensorFlow compute alike.
+    x = tf.bitwise.bitwise_and((tf.bitwise.right_shift(x, 16) ^ x) * 0x45D9F3B, _MASK32)
+    x = tf.bitwise.bitwise_and((tf.bitwise.right_shift(x, 16) ^ x) * 0x45D9F3B, _MASK32)
+    return tf.bitwise.right_shift(x, 16) ^ x
+
+
+def stateless_uniform(shape, seed) -> tf.Tensor:
+    """Uniform [0, 1) float32 values, a pure function of `seed` that is the same on every device.
+
+    tf.random's stateless ops derive their Philox key differently under XLA, so the same seed
+    would give other transforms inside a compiled model than in tf.data; a counter hash does not.
+    """
+    seed = _as_seed(seed)
+    count = tf.reduce_prod(tf.cast(shape, tf.int64))
+    counter = tf.range(count, dtype=tf.int64)
+    h = _mix32(tf.bitwise.bitwise_and(counter * 0x9E3779B1, _MASK32) ^ seed[0])
+    h = _mix32(h ^ seed[1])
+    # The top 24 bits convert exactly to float32.
+    return tf.reshape(tf.cast(tf.bitwise.right_shift(h, 8), tf.float32) / float(1 << 24), shape)
 
 
 def random_affine_transforms(
     batch_size, height, width, config: AugmentConfig, seed
 ) -> tf.Tensor:
     """[N, 8] projective transforms (output -> input pixel coordinates) for ImageProjectiveTransformV3."""
-    seed = _as_seed(seed)
-    uniform = tf.random.stateless_uniform([batch_size, 6], seed=seed, minval=-1.0, maxval=1.0)
+    uniform = 2.0 * stateless_uniform(tf.stack([batch_size, 6]), seed) - 1.0
     theta = uniform[:, 0] * (config.rotation_range * math.pi / 180.0)
     zoom_x = 1.0 + uniform[:, 1] * config.zoom_range
     zoom_y = 1.0 + uniform[:, 2] * config.zoom_range
@@ -75,11 +97,60 @@ def random_affine_transforms(
     return tf.stack([a00, a01, offset_x, a10, a11, offset_y, zeros, zeros], axis=1)
 
 
-def augment_batch(images: tf.Tensor, config: AugmentConfig, seed) -> tf.Tensor:
+def _map_coordinates(coords: tf.Tensor, length: int | tf.Tensor, fill_mode: str) -> tf.Tensor:
+    """Maps out-of-image coordinates back inside, exactly as ImageProjectiveTransformV3's MapCoordinate."""
+    length = tf.cast(length, tf.float32)
+    last = length - 1.0
+    if fill_mode == "reflect":
+        size2 = 2.0 * length
+        low = tf.where(coords < size2, size2 * tf.floor(-coords / size2) + coords, coords)
+        low = tf.where(low < -length, low + size2, -low - 1.0)
+        high = coords - size2 * tf.floor(coords / size2)
+        high = tf.where(high >= length, size2 - high - 1.0, high)
+        coords = tf.where(coords < 0.0, low, tf.where(coords > last, high, coords))
+    elif fill_mode == "wrap":
+        low = coords + length * (tf.floor(-coords / last) + 1.0)
+        high = coords - length * tf.floor(coords / last)
+        coords = tf.where(coords < 0.0, low, tf.where(coords > last, high, coords))
+    elif fill_mode == "constant":
+        return coords
+    return tf.clip_by_value(coords, 0.0, last)
+
+
+def _affine_resample_gather(images: tf.Tensor, transforms: tf.Tensor, config: AugmentConfig) -> tf.Tensor:
+    """Bilinear resampling with gathers: ImageProjectiveTransformV3's result with ops XLA can compile."""
+    shape = tf.shape(images)
+    batch, height, width, channels = shape[0], shape[1], shape[2], shape[3]
+    ys = tf.cast(tf.range(height), tf.float32)[None, :, None]
+    xs = tf.cast(tf.range(width), tf.float32)[None, None, :]
+    t = transforms[:, :, None, None]
+    x = _map_coordinates(t[:, 0] * xs + t[:, 1] * ys + t[:, 2], width, config.fill_mode)
+    y = _map_coordinates(t[:, 3] * xs + t[:, 4] * ys + t[:, 5], height, config.fill_mode)
+    x0, y0 = tf.floor(x), tf.floor(y)
+    flat = tf.reshape(images, [batch, height * width, channels])
+    fill = tf.constant(config.fill_value, tf.float32)
+
+    def read(yi: tf.Tensor, xi: tf.Tensor) -> tf.Tensor:
+        inside = (yi >= 0.0) & (yi < tf.cast(height, tf.float32)) & (xi >= 0.0) & (xi < tf.cast(width, tf.float32))
+        yc = tf.clip_by_value(tf.cast(yi, tf.int32), 0, height - 1)
+        xc = tf.clip_by_value(tf.cast(xi, tf.int32), 0, width - 1)
+        index = tf.reshape(yc * width + xc, [batch, -1])
+        values = tf.reshape(tf.gather(flat, index, batch_dims=1), [batch, height, width, channels])
+        return tf.where(inside[..., None], values, fill)
+
+    wx, wy = (x - x0)[..., None], (y - y0)[..., None]
+    top = (1.0 - wx) * read(y0, x0) + wx * read(y0, x0 + 1.0)
+    bottom = (1.0 - wx) * read(y0 + 1.0, x0) + wx * read(y0 + 1.0, x0 + 1.0)
+    return (1.0 - wy) * top + wy * bottom
+
+
+def augment_batch(images: tf.Tensor, config: AugmentConfig, seed, xla_compatible: bool = False) -> tf.Tensor:
     """Randomly rotates, zooms, shifts (and optionally flips) each image of a [N, H, W, C] batch.
 
     Any numeric input dtype; computes and returns float32 pixel values in the input's range (no
     rounding). Stateless: the same `seed` (int, or [2] integer tensor) gives the same output.
+    xla_compatible=False resamples with the fused ImageProjectiveTransformV3 kernel (fastest on CPU,
+    used in tf.data); True with gathers that XLA compiles (same result to float rounding).
     """
     images = tf.convert_to_tensor(images)
     if images.shape.rank != 4:
@@ -89,6 +160,8 @@ def augment_batch(images: tf.Tensor, config: AugmentConfig, seed) -> tf.Tensor:
     height = images.shape[1] if images.shape[1] is not None else shape[1]
     width = images.shape[2] if images.shape[2] is not None else shape[2]
     transforms = random_affine_transforms(shape[0], height, width, config, seed)
+    if xla_compatible:
+        return _affine_resample_gather(images, transforms, config)
     return tf.raw_ops.ImageProjectiveTransformV3(
         images=images,
         transforms=transforms,
@@ -153,8 +226,16 @@ class RandomAffine(keras.layers.Layer):
     def call(self, inputs, training=None):
         if not training:
             return tf.cast(inputs, self.compute_dtype)
-        seed = self.seed_generator.next()
-        return tf.cast(augment_batch(inputs, self.augment_config, seed), self.compute_dtype)
+        seed = _as_seed(self.seed_generator.next())
+        replica = tf.distribute.get_replica_context()
+        if replica is not None and replica.num_replicas_in_sync > 1:
+            # Each replica draws its own transforms rather than repeating the first replica's.
+            replica_id = tf.cast(replica.replica_id_in_sync_group, tf.int64)
+            seed = tf.stack([seed[0], seed[1] ^ tf.bitwise.left_shift(replica_id + 1, 24)])
+        # Gathers rather than the fused kernel: the model may be compiled with XLA, which has no
+        # kernel for ImageProjectiveTransformV3.
+        images = augment_batch(inputs, self.augment_config, seed, xla_compatible=True)
+        return tf.cast(images, self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape
