@@ -1,0 +1,38 @@
+"""cxr-export: a trained .keras model to a serving SavedModel taking encoded JPEG/PNG bytes."""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+_MODEL = flags.DEFINE_string("model", None, "Trained model (.keras); loaded in Keras safe mode.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "SavedModel directory to write (renamed into place when complete).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output_dir.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from cxr_tfdata import export
+
+    try:
+        config = export.ExportConfig(
+            model_path=_MODEL.value or "", output_dir=_OUTPUT_DIR.value or "", overwrite=_OVERWRITE.value
+        )
+        path = export.export(config)
+    except (ValueError, OSError) as e:
+        print(f"cxr-export: error: {e}", file=sys.stderr)
+        return 1
+    print(f"Wrote SavedModel to {path}: signature {export.SIGNATURE_KEY!r} takes "
+          f"{export.INPUT_KEY!r} (tf.string [None], JPEG or PNG bytes) and returns "
+          f"{export.OUTPUT_KEY!r} (float32 [None]).")
+    return 0
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

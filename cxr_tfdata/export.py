@@ -1,0 +1,112 @@
+"""A serving SavedModel: encoded JPEG/PNG bytes in, pneumonia probability out, preprocessing in-graph.
+
+Signature `serving_default`: input `image_bytes` tf.string [None] (JPEG or PNG, any size, gray or
+colour), output `probability` float32 [None]. In the graph each image is decoded to one channel,
+resized to the model's size with antialiased bilinear filtering (what the converter's PIL resize
+does, approximately) and rounded to integer pixel values in [0, 255], as the converter stores
+them; the model itself then applies the ResNet scaling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+
+import keras
+import tensorflow as tf
+
+from cxr_tfdata import model_io
+
+SIGNATURE_KEY = "serving_default"
+INPUT_KEY = "image_bytes"
+OUTPUT_KEY = "probability"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """What cxr-export runs."""
+
+    model_path: str
+    output_dir: str
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if not self.model_path:
+            raise ValueError("--model: is required")
+        if not self.output_dir:
+            raise ValueError("--output_dir: is required")
+
+
+def decode_image_bytes(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+    """One encoded image -> float32 [S, S, 1] integer pixel values in [0, 255]."""
+    image = tf.io.decode_image(encoded, channels=1, dtype=tf.uint8, expand_animations=False)
+    image.set_shape([None, None, 1])
+    resized = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
+    return tf.clip_by_value(tf.round(resized), 0.0, 255.0)
+
+
+def serving_function(model: keras.Model, image_size: int):
+    """The serving computation: a batch of encoded images -> {"probability": float32 [N]}."""
+
+    def predict(image_bytes):
+        images = tf.map_fn(
+            lambda encoded: decode_image_bytes(encoded, image_size),
+            image_bytes,
+            fn_output_signature=tf.TensorSpec([image_size, image_size, 1], tf.float32),
+        )
+        return tf.reshape(tf.cast(model(images, training=False), tf.float32), [-1])
+
+    def serve(image_bytes):
+        # An empty batch skips the model: oneDNN convolutions fail on zero-sized batches.
+        probabilities = tf.cond(
+            tf.size(image_bytes) > 0,
+            lambda: predict(image_bytes),
+            lambda: tf.zeros([0], tf.float32),
+        )
+        return {OUTPUT_KEY: probabilities}
+
+    return serve
+
+
+def export_saved_model(model: keras.Model, output_dir: str, overwrite: bool = False) -> str:
+    """Writes the SavedModel beside `output_dir` and renames it into place only when complete."""
+    output_dir = os.path.abspath(output_dir)
+    if os.path.exists(output_dir) and not overwrite:
+        raise FileExistsError(f"--output_dir: {output_dir} already exists (pass --overwrite to replace it)")
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    image_size = model_io.model_image_size(model)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        name=SIGNATURE_KEY,
+        fn=serving_function(model, image_size),
+        input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_KEY)],
+    )
+    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output_dir)}.tmp-")
+    try:
+        archive.write_out(os.path.join(staging, "saved_model"), verbose=False)
+        _replace_dir(os.path.join(staging, "saved_model"), output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir
+
+
+def _replace_dir(source: str, target: str) -> None:
+    """Renames `source` to `target`; an existing target is moved aside first and removed after."""
+    if not os.path.exists(target):
+        os.rename(source, target)
+        return
+    previous = f"{source}.previous"
+    os.rename(target, previous)
+    os.rename(source, target)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def export(config: ExportConfig) -> str:
+    """Runs cxr-export: loads the model in safe mode and writes the serving SavedModel."""
+    model = model_io.load_model(config.model_path)
+    model_io.model_image_size(model, config.model_path)
+    return export_saved_model(model, config.output_dir, config.overwrite)
