@@ -16,10 +16,11 @@ Meaning of the ranges, as in `ImageDataGenerator.get_random_transform` / `apply_
   - the shift is applied before the rotation and the zoom first (input = c + R (Z (p - c) + t));
   - fill_mode "nearest" (ImageDataGenerator's default) repeats the edge pixels; "constant" uses
     fill_value; "reflect" and "wrap" as in scipy.ndimage.
-ImageDataGenerator builds its matrix in (row, col) order and swaps the axes afterwards, so its
-`height_shift_range` ends up moving columns and its rotation turns the other way. The ranges are
-symmetric and the notebook uses equal width and height ranges on square images, so the
-distributions are the same; here each range moves the axis its name says.
+`affine_transforms` with given parameters reproduces tf_keras's `apply_affine_transform` (tested
+against it). One difference in the random draw: ImageDataGenerator passes `height_shift_range`
+times the height as `tx`, which `apply_affine_transform` applies along the columns, so its
+"height" shift moves images sideways. The notebook uses equal width and height ranges on square
+images, so the distributions are the same; here each range moves the axis its name says.
 """
 
 from __future__ import annotations
@@ -68,33 +69,47 @@ def stateless_uniform(shape, seed) -> tf.Tensor:
     return tf.reshape(tf.cast(tf.bitwise.right_shift(h, 8), tf.float32) / float(1 << 24), shape)
 
 
-def random_affine_transforms(
-    batch_size, height, width, config: AugmentConfig, seed
-) -> tf.Tensor:
-    """[N, 8] projective transforms (output -> input pixel coordinates) for ImageProjectiveTransformV3."""
-    uniform = 2.0 * stateless_uniform(tf.stack([batch_size, 6]), seed) - 1.0
-    theta = uniform[:, 0] * (config.rotation_range * math.pi / 180.0)
-    zoom_x = 1.0 + uniform[:, 1] * config.zoom_range
-    zoom_y = 1.0 + uniform[:, 2] * config.zoom_range
-    width_f = tf.cast(width, tf.float32)
-    height_f = tf.cast(height, tf.float32)
-    shift_x = uniform[:, 3] * config.width_shift_range * width_f
-    shift_y = uniform[:, 4] * config.height_shift_range * height_f
-    if config.horizontal_flip:
-        flip = tf.where(uniform[:, 5] < 0.0, -1.0, 1.0)
-    else:
-        flip = tf.ones_like(theta)
+def affine_transforms(theta_degrees, zoom_x, zoom_y, shift_x, shift_y, flip, height, width) -> tf.Tensor:
+    """[N, 8] transforms (output -> input pixel coordinates) for ImageProjectiveTransformV3.
+
+    Per image (each argument [N]): rotation in degrees, zoom factors, shifts in pixels, and flip
+    (-1.0 to mirror left-right, 1.0 not to), composed as ImageDataGenerator's
+    apply_affine_transform(theta, tx=shift_x, ty=shift_y, zx=zoom_x, zy=zoom_y) then flip_axis:
+    input = c + R(theta) (diag(zoom_x, zoom_y) F (output - c) + shift), c the image centre.
+    """
+    theta = tf.convert_to_tensor(theta_degrees, tf.float32) * (math.pi / 180.0)
+    zoom_x, zoom_y, shift_x, shift_y, flip = (
+        tf.convert_to_tensor(v, tf.float32) for v in (zoom_x, zoom_y, shift_x, shift_y, flip)
+    )
     cos, sin = tf.cos(theta), tf.sin(theta)
     # A = R(theta) @ diag(zoom_x, zoom_y) @ diag(flip, 1); pixel centres sit at integer coordinates.
     a00, a01 = cos * zoom_x * flip, -sin * zoom_y
     a10, a11 = sin * zoom_x * flip, cos * zoom_y
-    center_x = (width_f - 1.0) / 2.0
-    center_y = (height_f - 1.0) / 2.0
-    # input = A (out - c) + R t + c
+    center_x = (tf.cast(width, tf.float32) - 1.0) / 2.0
+    center_y = (tf.cast(height, tf.float32) - 1.0) / 2.0
     offset_x = center_x - a00 * center_x - a01 * center_y + cos * shift_x - sin * shift_y
     offset_y = center_y - a10 * center_x - a11 * center_y + sin * shift_x + cos * shift_y
     zeros = tf.zeros_like(theta)
     return tf.stack([a00, a01, offset_x, a10, a11, offset_y, zeros, zeros], axis=1)
+
+
+def random_affine_transforms(batch_size, height, width, config: AugmentConfig, seed) -> tf.Tensor:
+    """[N, 8] random transforms: ImageDataGenerator's distribution of each parameter, drawn from `seed`."""
+    uniform = 2.0 * stateless_uniform(tf.stack([batch_size, 6]), seed) - 1.0
+    if config.horizontal_flip:
+        flip = tf.where(uniform[:, 5] < 0.0, -1.0, 1.0)
+    else:
+        flip = tf.ones_like(uniform[:, 5])
+    return affine_transforms(
+        theta_degrees=uniform[:, 0] * config.rotation_range,
+        zoom_x=1.0 + uniform[:, 1] * config.zoom_range,
+        zoom_y=1.0 + uniform[:, 2] * config.zoom_range,
+        shift_x=uniform[:, 3] * config.width_shift_range * tf.cast(width, tf.float32),
+        shift_y=uniform[:, 4] * config.height_shift_range * tf.cast(height, tf.float32),
+        flip=flip,
+        height=height,
+        width=width,
+    )
 
 
 def _map_coordinates(coords: tf.Tensor, length: int | tf.Tensor, fill_mode: str) -> tf.Tensor:
