@@ -1,0 +1,222 @@
+"""Tests of cxr_tfdata.input_pipeline on hand-made records whose images encode their own label and index."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from cxr_tfdata import features, input_pipeline
+from cxr_tfdata.config import AugmentConfig, DataConfig
+from cxr_tfdata.preprocessing import to_resnet_input
+from tests.helpers import labelled_image, write_tiny_dataset
+
+SIZE = 32
+CPU_AUGMENT = AugmentConfig(placement="cpu", rotation_range=10, zoom_range=0.1,
+                            width_shift_range=0.1, height_shift_range=0.1)
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("records")
+    write_tiny_dataset(data_dir, image_size=SIZE, num_shards=3,
+                       split_sizes={"train": (12, 24), "val": (4, 4), "test": (3, 4)})
+    return data_dir
+
+
+def _config(data_dir, **overrides) -> DataConfig:
+    return DataConfig(data_dir=str(data_dir), image_size=SIZE, shuffle_buffer=64, **overrides)
+
+
+def _index(images: np.ndarray) -> np.ndarray:
+    """The record index each image encodes at pixels (0, 1) and (0, 2)."""
+    return images[:, 0, 1, 0].astype(int) + 256 * images[:, 0, 2, 0].astype(int)
+
+
+def _records_in_file_order(data_dir, split):
+    manifest = features.read_manifest(str(data_dir))
+    parsed = [input_pipeline.parse_example(r) for r in
+              tf.data.TFRecordDataset(features.shard_paths(str(data_dir), manifest, split))]
+    return [(int(p["label"]), p["filename"].numpy().decode()) for p in parsed]
+
+
+def _epoch(dataset) -> tuple[np.ndarray, np.ndarray]:
+    batches = list(dataset)
+    return (np.concatenate([b[0].numpy() for b in batches]), np.concatenate([b[1].numpy() for b in batches]))
+
+
+def test_eval_gives_exact_pixels_labels_and_metadata_in_file_order(dataset_dir):
+    dataset = input_pipeline.create_dataset(_config(dataset_dir), "val", 3, training=False, with_metadata=True)
+    batches = list(dataset)
+    assert [int(b[0].shape[0]) for b in batches] == [3, 3, 2]  # last partial batch kept
+    images = np.concatenate([b[0].numpy() for b in batches])
+    labels = np.concatenate([b[1].numpy() for b in batches])
+    filenames = [f.decode() for b in batches for f in b[2]["filename"].numpy()]
+    patient_ids = [p.decode() for b in batches for p in b[2]["patient_id"].numpy()]
+    assert images.dtype == np.uint8 and images.shape == (8, SIZE, SIZE, 1)
+    assert labels.dtype == np.float32
+    expected = _records_in_file_order(dataset_dir, "val")
+    assert [(int(label), name) for label, name in zip(labels, filenames, strict=True)] == expected
+    for image, label, index, patient in zip(images, labels, _index(images), patient_ids, strict=True):
+        np.testing.assert_array_equal(image, labelled_image(int(label), index, SIZE))
+        assert patient == f"p{index // 2}"
+
+
+@pytest.mark.parametrize("cache", ["memory", "file", "off"])
+def test_training_keeps_images_and_labels_aligned_through_interleave_shuffle_and_cache(dataset_dir, tmp_path, cache):
+    config = _config(dataset_dir, cache=cache, cache_dir=str(tmp_path / "cache"), seed=3)
+    dataset = input_pipeline.create_dataset(config, "train", 5, training=True)
+    for _ in range(2):
+        images, labels = _epoch(dataset)
+        assert images.shape == (35, SIZE, SIZE, 1)  # 36 examples, drop_remainder
+        np.testing.assert_array_equal(images[:, 0, 0, 0], 200 * labels.astype(np.uint8))
+        assert len(set(_index(images))) == 35
+        for image, label, index in zip(images, labels, _index(images), strict=True):
+            np.testing.assert_array_equal(image, labelled_image(int(label), index, SIZE))
+
+
+def test_fixed_seed_and_determinism_repeat_batches_and_reshuffle_each_epoch(dataset_dir):
+    config = _config(dataset_dir, seed=11, deterministic=True)
+    first_run = input_pipeline.create_dataset(config, "train", 6, training=True, augment=CPU_AUGMENT)
+    second_run = input_pipeline.create_dataset(config, "train", 6, training=True, augment=CPU_AUGMENT)
+    epoch1, labels1 = _epoch(first_run)
+    np.testing.assert_array_equal(_epoch(second_run)[0], epoch1)
+    epoch2, labels2 = _epoch(first_run)
+    assert not np.array_equal(epoch1, epoch2)
+    # A fresh order, not the same images transformed differently.
+    unaugmented = input_pipeline.create_dataset(config, "train", 6, training=True)
+    order1, order2 = _index(_epoch(unaugmented)[0]), _index(_epoch(unaugmented)[0])
+    assert sorted(order1) == sorted(order2) and not np.array_equal(order1, order2)
+    other_seed = input_pipeline.create_dataset(dataclasses.replace(config, seed=12), "train", 6, training=True)
+    assert not np.array_equal(_index(_epoch(other_seed)[0]), order1)
+
+
+def test_cpu_augmentation_changes_training_images_but_never_eval(dataset_dir):
+    config = _config(dataset_dir, seed=1, deterministic=True)
+    plain = input_pipeline.create_dataset(config, "train", 6, training=True)
+    augmented = input_pipeline.create_dataset(config, "train", 6, training=True, augment=CPU_AUGMENT)
+    plain_images, plain_labels = _epoch(plain)
+    aug_images, aug_labels = _epoch(augmented)
+    np.testing.assert_array_equal(aug_labels, plain_labels)  # same order, same labels
+    assert aug_images.dtype == np.uint8
+    assert np.abs(aug_images.astype(int) - plain_images.astype(int)).mean() > 2
+    device = input_pipeline.create_dataset(config, "train", 6, training=True,
+                                           augment=dataclasses.replace(CPU_AUGMENT, placement="device"))
+    np.testing.assert_array_equal(_epoch(device)[0], plain_images)  # "device" ships raw batches
+    for split in ("val", "test"):
+        raw = _epoch(input_pipeline.create_dataset(config, split, 4, training=False))[0]
+        with_augment = _epoch(input_pipeline.create_dataset(config, split, 4, training=False, augment=CPU_AUGMENT))[0]
+        np.testing.assert_array_equal(with_augment, raw)
+
+
+@pytest.mark.parametrize("batch_dtype", ["bfloat16", "float32"])
+def test_batches_hold_raw_pixel_values_and_preprocessing_maps_them_to_unit_range(dataset_dir, batch_dtype):
+    config = _config(dataset_dir, batch_dtype=batch_dtype)
+    images, labels = next(iter(input_pipeline.create_dataset(config, "train", 8, training=True, augment=CPU_AUGMENT)))
+    assert images.dtype == tf.as_dtype(batch_dtype) and labels.dtype == tf.float32
+    values = tf.cast(images, tf.float32).numpy()
+    assert values.min() >= 0.0 and values.max() <= 255.0 and values.max() > 150.0
+    model_input = to_resnet_input(images).numpy()
+    assert model_input.shape == (8, SIZE, SIZE, 3)
+    assert model_input.min() >= -1.0 and model_input.max() <= 1.0 and model_input.max() > 0.2
+
+
+def test_balanced_sampling_draws_both_classes_about_equally(dataset_dir):
+    config = _config(dataset_dir, balanced_sampling=True, seed=2)
+    dataset = input_pipeline.create_dataset(config, "train", 12, training=True)
+    labels = np.concatenate([_epoch(dataset)[1] for _ in range(8)])
+    assert len(labels) == 8 * 36
+    assert 0.42 < labels.mean() < 0.58  # the split itself is 2/3 positive
+    images, labels = _epoch(dataset)
+    np.testing.assert_array_equal(images[:, 0, 0, 0], 200 * labels.astype(np.uint8))
+
+
+def test_class_weights_follow_sklearn_balanced():
+    sklearn_utils = pytest.importorskip("sklearn.utils")
+    counts = {"NORMAL": 1136, "PNEUMONIA": 3274}
+    weights = input_pipeline.class_weights_from_counts(counts)
+    y = np.repeat([0, 1], [1136, 3274])
+    expected = sklearn_utils.class_weight.compute_class_weight("balanced", classes=np.array([0, 1]), y=y)
+    assert weights == pytest.approx({0: expected[0], 1: expected[1]})
+    with pytest.raises(ValueError, match="NORMAL"):
+        input_pipeline.class_weights_from_counts({"NORMAL": 0, "PNEUMONIA": 5})
+    with pytest.raises(ValueError, match="COVID"):
+        input_pipeline.class_weights_from_counts({"COVID": 3, "PNEUMONIA": 5})
+
+
+def test_split_num_examples_and_bad_requests(dataset_dir):
+    assert input_pipeline.split_num_examples(str(dataset_dir), "train") == 36
+    with pytest.raises(ValueError, match="available splits"):
+        input_pipeline.create_dataset(_config(dataset_dir), "holdout", 4, training=False)
+    with pytest.raises(ValueError, match="image_size"):
+        input_pipeline.create_dataset(dataclasses.replace(_config(dataset_dir), image_size=64), "val", 4, False)
+
+
+def test_input_contexts_split_the_records_between_pipelines(dataset_dir):
+    seen = []
+    for pipeline_id in range(2):
+        context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline_id)
+        images, _ = _epoch(input_pipeline.create_dataset(_config(dataset_dir), "train", 4, training=False,
+                                                         input_context=context))
+        seen.append(set(_index(images)))
+    assert not seen[0] & seen[1]
+    assert len(seen[0] | seen[1]) == 36
+
+
+def test_mirrored_strategy_distributes_the_dataset(dataset_dir):
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    distributed = strategy.distribute_datasets_from_function(
+        lambda context: input_pipeline.create_dataset(
+            _config(dataset_dir), "train", context.get_per_replica_batch_size(8), training=True,
+            input_context=context)
+    )
+    images, labels = next(iter(distributed))
+    assert images.shape == (8, SIZE, SIZE, 1) and labels.shape == (8,)
+
+
+def _damaged_copy(dataset_dir, tmp_path, damage):
+    copy = tmp_path / "damaged"
+    shutil.copytree(dataset_dir, copy)
+    shard = copy / features.read_manifest(str(copy))["splits"]["train"]["shard_files"][1]
+    data = bytearray(shard.read_bytes())
+    shard.write_bytes(damage(data))
+    return copy, str(shard)
+
+
+def _truncate(data: bytearray) -> bytes:
+    return bytes(data[: len(data) - 40])
+
+
+def _flip_a_byte(data: bytearray) -> bytes:
+    data[len(data) // 2] ^= 0xFF
+    return bytes(data)
+
+
+@pytest.mark.parametrize("damage, reason", [(_truncate, "truncated record"), (_flip_a_byte, "corrupted record")])
+@pytest.mark.parametrize("training", [True, False])
+def test_damaged_shard_fails_naming_the_shard(dataset_dir, tmp_path, damage, reason, training):
+    data_dir, shard = _damaged_copy(dataset_dir, tmp_path, damage)
+    dataset = input_pipeline.create_dataset(_config(data_dir), "train", 4, training=training)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="truncated or corrupted") as error:
+        _epoch(dataset)
+    assert shard in error.value.message
+    assert input_pipeline.find_corrupt_shards(str(data_dir), "train")[0][0] == shard
+    assert reason in input_pipeline.find_corrupt_shards(str(data_dir), "train")[0][1]
+    with pytest.raises(input_pipeline.CorruptShardError, match=shard):
+        input_pipeline.raise_for_corrupt_shards(str(data_dir), "train")
+    assert input_pipeline.find_corrupt_shards(str(dataset_dir), "train") == []
+
+
+def test_keras_fit_on_a_damaged_shard_names_it(dataset_dir, tmp_path):
+    data_dir, shard = _damaged_copy(dataset_dir, tmp_path, _flip_a_byte)
+    dataset = input_pipeline.create_dataset(_config(data_dir), "train", 4, training=True)
+    inputs = keras.Input((SIZE, SIZE, 1), dtype="uint8")
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(pooled))
+    model.compile("sgd", "binary_crossentropy")
+    with pytest.raises(tf.errors.InvalidArgumentError, match=shard):
+        model.fit(dataset, epochs=1, verbose=0)
