@@ -44,6 +44,11 @@ _BASELINE_DIR = flags.DEFINE_string(
 _BASELINE_BATCHES = flags.DEFINE_integer("baseline_batches", 10, "Batches timed for the baseline.", lower_bound=1)
 _JSON = flags.DEFINE_string("json", None, "Write {configuration: {images_per_second, peak_rss_mb}} here.")
 _SEED = flags.DEFINE_integer("seed", 0, "Shuffle and augmentation seed.")
+_FRESH_PROCESS = flags.DEFINE_boolean(
+    "fresh_process", True,
+    "Measure each configuration in a new process, so peak RSS is per configuration; with "
+    "--nofresh_process everything runs here and peak_rss_mb is the process peak so far.",
+)
 
 BASELINE_NAME = "baseline=ImageDataGenerator"
 _AUGMENT_PLACES = ("cpu", "device", "none")
@@ -128,6 +133,8 @@ def measure_baseline(settings: dict) -> dict:
 
 def _run_in_fresh_process(function, settings: dict) -> dict:
     """Runs one measurement in a new interpreter so that its peak RSS is its own."""
+    if not settings["fresh_process"]:
+        return function(settings)
     context = multiprocessing.get_context("spawn")
     with context.Pool(1) as pool:
         return pool.apply(function, (settings,))
@@ -161,7 +168,7 @@ def main(argv):
         "data_dir": _DATA_DIR.value, "split": _SPLIT.value, "batch_size": _BATCH_SIZE.value,
         "image_size": _IMAGE_SIZE.value, "num_batches": _NUM_BATCHES.value,
         "warmup_batches": _WARMUP_BATCHES.value, "baseline_batches": _BASELINE_BATCHES.value,
-        "batch_dtype": _BATCH_DTYPE.value, "seed": _SEED.value,
+        "batch_dtype": _BATCH_DTYPE.value, "seed": _SEED.value, "fresh_process": _FRESH_PROCESS.value,
     }
     results = run_benchmark(settings, configurations, _BASELINE_DIR.value)
     if _JSON.value:
