@@ -440,7 +440,9 @@ def run_stage(config: TrainConfig, stage: StageConfig, strategy: tf.distribute.S
     started = time.monotonic()
     if not state["stop_training"] and state["epochs_completed"] < stage.epochs:
         _fit(model, train, val, steps, stage, state, callbacks, config)
-    model.set_weights(_load_model_weights(paths.best_model, "no epoch of this stage completed"))
+        # EarlyStopping(restore_best_weights) has put the best epoch's weights back.
+    else:
+        model.set_weights(_load_model_weights(paths.best_model, "no epoch of this stage completed"))
     results = model.evaluate(val, return_dict=True, verbose=0)
     metrics = {f"val_{key}": float(value) for key, value in results.items()}
     metrics.update(best_epoch=state["best_epoch"], epochs_run=state["epochs_completed"],
@@ -467,7 +469,9 @@ def _check_weights_before_data(config: TrainConfig) -> None:
         how = model_lib.check_imagenet_weights_available()
         logging.info("ImageNet weights %s", how)
     elif config.model.weights_path:
-        model_lib.check_weights_file(config.model.weights_path)
+        # Loading into a throwaway base costs seconds and catches a wrong file before any output.
+        model_lib.build_base(config.data.image_size, config.model)
+        keras.backend.clear_session()
 
 
 def train_and_evaluate(config: TrainConfig, overwrite: bool = False,

@@ -52,7 +52,7 @@ def _config(data_dir, model_dir, stage="frozen", **overrides) -> TrainConfig:
         data=DataConfig(data_dir=data_dir, image_size=IMAGE_SIZE, seed=1),
         augment=AugmentConfig(placement="none"),
         model=ModelConfig(weights="none"),
-        frozen=StageConfig(name="frozen", batch_size=8, epochs=4, learning_rate=1e-2),
+        frozen=StageConfig(name="frozen", batch_size=8, epochs=3, learning_rate=1e-2),
         finetune=StageConfig(name="finetune", batch_size=8, epochs=2, learning_rate=1e-3,
                              lr_decay_per_epoch=0.9, early_stopping_patience=15, reduce_lr_patience=5),
         stage=stage,
@@ -78,11 +78,11 @@ def _digest(path):
 
 @pytest.fixture(scope="module")
 def frozen_run(data_dir, tmp_path_factory):
-    """The frozen stage killed after its 2nd epoch, then restarted with the same config."""
+    """The frozen stage killed after its 1st epoch, then restarted with the same config."""
     model_dir = tmp_path_factory.mktemp("model")
     config = _config(data_dir, model_dir)
     with pytest.raises(Interrupted):
-        train.train_and_evaluate(config, extra_callbacks=[InterruptAfterEpoch(1)])
+        train.train_and_evaluate(config, extra_callbacks=[InterruptAfterEpoch(0)])
     interrupted = {
         "state": _state(model_dir, "frozen"),
         "best_digest": _digest(model_dir / "frozen_best.keras"),
@@ -93,9 +93,9 @@ def frozen_run(data_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_interrupted_run_had_committed_two_epochs_and_its_config(frozen_run):
+def test_interrupted_run_had_committed_its_epoch_and_its_config(frozen_run):
     model_dir, config, interrupted, _ = frozen_run
-    assert interrupted["state"]["epochs_completed"] == 2
+    assert interrupted["state"]["epochs_completed"] == 1
     assert not interrupted["state"]["completed"]
     assert interrupted["config_json"]["frozen"]["learning_rate"] == config.frozen.learning_rate
     assert interrupted["config_json"]["data"]["data_dir"] == config.data.data_dir
@@ -105,11 +105,11 @@ def test_interrupted_run_had_committed_two_epochs_and_its_config(frozen_run):
 def test_resume_continues_at_the_next_epoch_and_keeps_the_best_model(frozen_run):
     model_dir, config, interrupted, metrics = frozen_run
     state = _state(model_dir, "frozen")
-    assert [int(row["epoch"]) for row in _history(model_dir, "frozen")] == [0, 1, 2, 3]
-    assert state["epochs_completed"] == 4 and state["completed"]
+    assert [int(row["epoch"]) for row in _history(model_dir, "frozen")] == [0, 1, 2]
+    assert state["epochs_completed"] == 3 and state["completed"]
     best_before = interrupted["state"]["best_val_loss"]
     assert state["best_val_loss"] <= best_before
-    if state["best_epoch"] < 2:  # no improvement after the restart: the very same file
+    if state["best_epoch"] < 1:  # no improvement after the restart: the very same file
         assert _digest(model_dir / "frozen_best.keras") == interrupted["best_digest"]
     val_losses = [float(row["val_loss"]) for row in _history(model_dir, "frozen")]
     assert state["best_val_loss"] == pytest.approx(min(val_losses))

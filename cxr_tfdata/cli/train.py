@@ -1,0 +1,158 @@
+"""cxr-train: flags -> one frozen TrainConfig -> train_and_evaluate (both transfer stages, resumable)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags, logging
+
+from cxr_tfdata import config as config_lib
+
+_FROZEN = config_lib.StageConfig()
+_FINETUNE = config_lib.default_finetune_stage()
+_AUGMENT = config_lib.AugmentConfig()
+_DATA_DEFAULTS = config_lib.DataConfig(data_dir="-")
+_MODEL = config_lib.ModelConfig()
+
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Dataset directory written by cxr-build-tfrecords.")
+_MODEL_DIR = flags.DEFINE_string(
+    "model_dir", None, "Where models, histories, logs, metrics.json, config.json and resume checkpoints go.")
+_STAGE = flags.DEFINE_enum("stage", "both", list(config_lib.STAGES),
+                           "frozen: head only; finetune: from frozen_best.keras in --model_dir; both.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Image side in pixels; default: the dataset's.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Discard an earlier run in --model_dir (its checkpoints) instead of resuming it.")
+
+_FROZEN_BATCH_SIZE = flags.DEFINE_integer("frozen_batch_size", _FROZEN.batch_size, "Per-replica batch, frozen stage.")
+_FINETUNE_BATCH_SIZE = flags.DEFINE_integer("finetune_batch_size", _FINETUNE.batch_size, "Per-replica batch, finetune stage.")
+_FROZEN_EPOCHS = flags.DEFINE_integer("frozen_epochs", _FROZEN.epochs, "Most epochs of the frozen stage.")
+_FINETUNE_EPOCHS = flags.DEFINE_integer("finetune_epochs", _FINETUNE.epochs, "Most epochs of the finetune stage.")
+_FROZEN_LR = flags.DEFINE_float("frozen_learning_rate", _FROZEN.learning_rate, "Adam learning rate, frozen stage.")
+_FINETUNE_LR = flags.DEFINE_float("finetune_learning_rate", _FINETUNE.learning_rate, "Initial Adam learning rate, finetune stage.")
+_FROZEN_LR_DECAY = flags.DEFINE_float(
+    "frozen_lr_decay_per_epoch", _FROZEN.lr_decay_per_epoch, "LR multiplied by this each epoch (1: constant).")
+_FINETUNE_LR_DECAY = flags.DEFINE_float(
+    "finetune_lr_decay_per_epoch", _FINETUNE.lr_decay_per_epoch,
+    "Finetune LR multiplied by this each epoch (exponential decay, per epoch).")
+_FROZEN_ES_PATIENCE = flags.DEFINE_integer(
+    "frozen_early_stopping_patience", _FROZEN.early_stopping_patience, "EarlyStopping patience (val_loss), frozen.")
+_FINETUNE_ES_PATIENCE = flags.DEFINE_integer(
+    "finetune_early_stopping_patience", _FINETUNE.early_stopping_patience, "EarlyStopping patience, finetune.")
+_FROZEN_RLR_PATIENCE = flags.DEFINE_integer(
+    "frozen_reduce_lr_patience", _FROZEN.reduce_lr_patience, "ReduceLROnPlateau patience (val_loss), frozen.")
+_FINETUNE_RLR_PATIENCE = flags.DEFINE_integer(
+    "finetune_reduce_lr_patience", _FINETUNE.reduce_lr_patience, "ReduceLROnPlateau patience, finetune.")
+_STEPS_PER_EPOCH = flags.DEFINE_integer(
+    "steps_per_epoch", 0, "Cap on train steps per epoch (0: a full pass over the train split); for smoke runs.")
+
+_WEIGHTS = flags.DEFINE_string(
+    "weights", _MODEL.weights, "imagenet | none | PATH to a ResNet50V2 include_top=False .h5 weights file.")
+_FINE_TUNE_AT = flags.DEFINE_string(
+    "fine_tune_at", _MODEL.fine_tune_at,
+    "First ResNet50V2 layer (name or block prefix) unfrozen in the finetune stage; the default is the start "
+    "of the last stage (conv5), the most task-specific features, ~15M of 23.6M base weights.")
+_DROPOUT = flags.DEFINE_float("dropout_rate", _MODEL.dropout_rate, "Dropout before the sigmoid output.")
+_TRAIN_BASE = flags.DEFINE_bool(
+    "train_base", False, "Train every layer in every stage, base BN included (from scratch with --weights=none).")
+
+_MIXED_PRECISION = flags.DEFINE_enum(
+    "mixed_precision", "auto", list(config_lib.PRECISION_POLICIES),
+    "auto: mixed_float16 on tensor-core GPUs, mixed_bfloat16 on TPUs and bfloat16 CPUs, else float32.")
+_JIT_COMPILE = flags.DEFINE_bool("jit_compile", False, "Compile train/eval steps with XLA.")
+_DISTRIBUTION = flags.DEFINE_enum(
+    "distribution", "auto", list(config_lib.DISTRIBUTIONS),
+    "auto: MirroredStrategy with >1 GPU; mirrored: force it (all GPUs, or all logical CPUs); default: one device.")
+
+_AUGMENT_PLACEMENT = flags.DEFINE_enum(
+    "augment", _AUGMENT.placement, list(config_lib.AUGMENT_PLACEMENTS),
+    "Where training augmentation runs: cpu (tf.data), device (model input layer), none.")
+_ROTATION = flags.DEFINE_float("rotation_range", _AUGMENT.rotation_range, "Degrees, uniform in [-r, r].")
+_ZOOM = flags.DEFINE_float("zoom_range", _AUGMENT.zoom_range, "Scale uniform in [1-z, 1+z].")
+_WIDTH_SHIFT = flags.DEFINE_float("width_shift_range", _AUGMENT.width_shift_range, "Fraction of the width.")
+_HEIGHT_SHIFT = flags.DEFINE_float("height_shift_range", _AUGMENT.height_shift_range, "Fraction of the height.")
+_HORIZONTAL_FLIP = flags.DEFINE_bool("horizontal_flip", _AUGMENT.horizontal_flip, "Random left-right flips.")
+_FILL_MODE = flags.DEFINE_enum("fill_mode", _AUGMENT.fill_mode, list(config_lib.FILL_MODES), "Fill outside the image.")
+
+_CACHE = flags.DEFINE_enum("cache", _DATA_DEFAULTS.cache, list(config_lib.CACHE_MODES), "Cache of decoded images.")
+_CACHE_DIR = flags.DEFINE_string("cache_dir", "", "Directory of the cache files with --cache=file.")
+_SHUFFLE_BUFFER = flags.DEFINE_integer("shuffle_buffer", _DATA_DEFAULTS.shuffle_buffer, "Examples in the shuffle buffer.")
+_BALANCED = flags.DEFINE_bool("balanced_sampling", False, "Sample classes equally (class weights still apply).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of initialization, shuffling and augmentation.")
+_DETERMINISTIC = flags.DEFINE_bool("deterministic", False, "Deterministic input order and TF ops (slower).")
+
+
+def _stage_config(name: str, batch_size, epochs, learning_rate, decay, es_patience, rlr_patience):
+    defaults = _FROZEN if name == "frozen" else _FINETUNE
+    return config_lib.StageConfig(
+        name=name, batch_size=batch_size.value, epochs=epochs.value, learning_rate=learning_rate.value,
+        lr_decay_per_epoch=decay.value, early_stopping_patience=es_patience.value,
+        reduce_lr_patience=rlr_patience.value, reduce_lr_factor=defaults.reduce_lr_factor,
+        min_learning_rate=min(defaults.min_learning_rate, learning_rate.value),
+    )
+
+
+def _dataset_image_size(data_dir: str) -> int:
+    from cxr_tfdata import features
+
+    return int(features.read_manifest(data_dir)["image_size"])
+
+
+def config_from_flags() -> config_lib.TrainConfig:
+    """The run's frozen config; a bad value raises ValueError naming its flag."""
+    data_dir = _DATA_DIR.value or ""
+    if not data_dir:
+        raise ValueError("--data_dir: is required")
+    image_size = _IMAGE_SIZE.value if _IMAGE_SIZE.value is not None else _dataset_image_size(data_dir)
+    data = config_lib.DataConfig(
+        data_dir=data_dir, image_size=image_size, cache=_CACHE.value, cache_dir=_CACHE_DIR.value,
+        shuffle_buffer=_SHUFFLE_BUFFER.value, balanced_sampling=_BALANCED.value, seed=_SEED.value,
+        deterministic=_DETERMINISTIC.value,
+    )
+    augment = config_lib.AugmentConfig(
+        placement=_AUGMENT_PLACEMENT.value, rotation_range=_ROTATION.value, zoom_range=_ZOOM.value,
+        width_shift_range=_WIDTH_SHIFT.value, height_shift_range=_HEIGHT_SHIFT.value,
+        horizontal_flip=_HORIZONTAL_FLIP.value, fill_mode=_FILL_MODE.value,
+    )
+    model = config_lib.ModelConfig(
+        weights=_WEIGHTS.value, fine_tune_at=_FINE_TUNE_AT.value, dropout_rate=_DROPOUT.value,
+        train_base=_TRAIN_BASE.value,
+    )
+    return config_lib.TrainConfig(
+        model_dir=_MODEL_DIR.value or "", data=data, augment=augment, model=model,
+        frozen=_stage_config("frozen", _FROZEN_BATCH_SIZE, _FROZEN_EPOCHS, _FROZEN_LR, _FROZEN_LR_DECAY,
+                             _FROZEN_ES_PATIENCE, _FROZEN_RLR_PATIENCE),
+        finetune=_stage_config("finetune", _FINETUNE_BATCH_SIZE, _FINETUNE_EPOCHS, _FINETUNE_LR,
+                               _FINETUNE_LR_DECAY, _FINETUNE_ES_PATIENCE, _FINETUNE_RLR_PATIENCE),
+        stage=_STAGE.value, mixed_precision=_MIXED_PRECISION.value, jit_compile=_JIT_COMPILE.value,
+        distribution=_DISTRIBUTION.value, steps_per_epoch=_STEPS_PER_EPOCH.value,
+    )
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        config = config_from_flags()  # before TensorFlow is imported: flag errors come at once
+    except (ValueError, FileNotFoundError) as e:
+        print(f"cxr-train: error: {e}", file=sys.stderr)
+        return 1
+    from cxr_tfdata import model as model_lib
+    from cxr_tfdata import train
+
+    try:
+        metrics = train.train_and_evaluate(config, overwrite=_OVERWRITE.value)
+    except (ValueError, FileNotFoundError, model_lib.WeightsUnavailableError) as e:
+        print(f"cxr-train: error: {e}", file=sys.stderr)
+        return 1
+    logging.info("Done: %s", config.model_dir)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,105 @@
+"""End-to-end tests of the cxr-train binary: flagfile, both stages on two replicas, flag errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.helpers import REPO_ROOT, write_tiny_dataset
+
+IMAGE_SIZE = 32
+
+# Two logical CPU devices so --distribution=mirrored runs MirroredStrategy with 2 replicas.
+_TWO_CPU_LAUNCHER = textwrap.dedent("""
+    import sys
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from cxr_tfdata.cli import train
+    sys.argv = ["cxr-train", *sys.argv[1:]]
+    train.run()
+""")
+
+
+def _run(args, tmp_path, launcher=None, extra_env=None, timeout=600):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_HOME": str(tmp_path / "keras_home"),
+           **(extra_env or {})}
+    command = [sys.executable, "-c", launcher] if launcher else [sys.executable, "-m", "cxr_tfdata.cli.train"]
+    return subprocess.run([*command, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("records")
+    write_tiny_dataset(path, {"train": (8, 8), "val": (5, 6), "test": (2, 2)}, image_size=IMAGE_SIZE)
+    return path
+
+
+@pytest.mark.slow
+def test_both_stages_from_a_flagfile_on_two_replicas(data_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    flagfile = tmp_path / "train.flags"
+    flagfile.write_text("\n".join([
+        f"--data_dir={data_dir}", f"--model_dir={model_dir}", "--weights=none", "--stage=both",
+        "--frozen_epochs=1", "--finetune_epochs=1", "--frozen_batch_size=4", "--finetune_batch_size=4",
+        "--steps_per_epoch=1", "--distribution=mirrored", "--mixed_precision=mixed_bfloat16", "--augment=device",
+    ]) + "\n")
+    result = _run([f"--flagfile={flagfile}"], tmp_path, launcher=_TWO_CPU_LAUNCHER)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MirroredStrategy with 2 replica(s)" in result.stderr
+    assert "global batch 8 (4 x 2 replicas)" in result.stderr
+    for name in ("frozen_best.keras", "finetune_best.keras", "final.keras", "history_frozen.csv",
+                 "history_finetune.csv", "metrics.json", "config.json"):
+        assert (model_dir / name).is_file(), name
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["distribution"] == "mirrored" and config["data"]["image_size"] == IMAGE_SIZE
+    assert config["frozen"]["batch_size"] == 4 and config["augment"]["placement"] == "device"
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert set(metrics) == {"frozen", "finetune"}
+    assert 0.0 <= metrics["finetune"]["val_auc"] <= 1.0
+    assert "Mixed precision policy mixed_bfloat16" in result.stderr
+
+
+@pytest.mark.parametrize("flag, fragment", [
+    ("--frozen_batch_size=0", "--frozen_batch_size"),
+    ("--finetune_learning_rate=2", "--finetune_learning_rate"),
+    ("--rotation_range=400", "--rotation_range"),
+    ("--image_size=64", "--image_size=64"),
+    ("--stage=everything", "--stage"),
+    ("--steps_per_epoch=-1", "--steps_per_epoch"),
+])
+def test_invalid_flags_are_rejected_naming_the_flag(data_dir, tmp_path, flag, fragment):
+    model_dir = tmp_path / "model"
+    size = [] if flag.startswith("--image_size") else [f"--image_size={IMAGE_SIZE}"]
+    result = _run([f"--data_dir={data_dir}", f"--model_dir={model_dir}", "--weights=none", *size, flag], tmp_path)
+    assert result.returncode != 0
+    assert fragment in result.stderr
+    assert not (model_dir / "config.json").exists()
+
+
+def test_imagenet_weights_offline_fail_before_any_output(data_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    # An unreachable proxy makes the download probe fail at once, online or not.
+    proxy = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    result = _run([f"--data_dir={data_dir}", f"--model_dir={model_dir}", "--weights=imagenet"], tmp_path,
+                  extra_env=proxy)
+    assert result.returncode == 1, result.stderr[-2000:]
+    expected = tmp_path / "keras_home" / "models" / "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    assert str(expected) in result.stderr and "--weights=" in result.stderr
+    assert not model_dir.exists()
+
+
+def test_bad_weights_file_fails_naming_it_before_any_output(data_dir, tmp_path):
+    bad = tmp_path / "resnet.h5"
+    bad.write_bytes(b"\x89HDF\r\n truncated")
+    model_dir = tmp_path / "model"
+    result = _run([f"--data_dir={data_dir}", f"--model_dir={model_dir}", f"--weights={bad}"], tmp_path)
+    assert result.returncode == 1
+    assert f"--weights={bad}" in result.stderr
+    assert not model_dir.exists()
