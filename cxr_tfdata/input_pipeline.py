@@ -156,12 +156,13 @@ def decode_image(encoded: tf.Tensor, filename: tf.Tensor, image_size: int) -> tf
     """JPEG or PNG bytes -> uint8 [S, S, 1]; a record of another size fails naming its file."""
     image = tf.io.decode_image(encoded, channels=1, expand_animations=False, dtype=tf.uint8)
     shape = tf.shape(image)
-    tf.debugging.Assert(
+    same_size = tf.debugging.Assert(
         tf.logical_and(tf.equal(shape[0], image_size), tf.equal(shape[1], image_size)),
         ["record", filename, "holds an image of shape", shape,
          f"but the dataset and --image_size say {image_size}x{image_size}"],
     )
-    return tf.ensure_shape(image, [image_size, image_size, 1])
+    with tf.control_dependencies([same_size]):
+        return tf.ensure_shape(image, [image_size, image_size, 1])
 
 
 def _decoded_examples(records: tf.data.Dataset, image_size: int, with_metadata: bool,
@@ -248,7 +249,9 @@ def _augment_on_cpu(batches: tf.data.Dataset, augment: AugmentConfig, config: Da
 
     def apply(batch, seed):
         images, *rest = batch
-        return (augment_and_cast(images, seed), *rest)
+        # Input work stays on the host even when an accelerator is visible.
+        with tf.device("/CPU:0"):
+            return (augment_and_cast(images, seed), *rest)
 
     return tf.data.Dataset.zip(batches, seeds).map(
         apply, num_parallel_calls=AUTOTUNE, deterministic=config.deterministic

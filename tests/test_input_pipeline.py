@@ -220,3 +220,37 @@ def test_keras_fit_on_a_damaged_shard_names_it(dataset_dir, tmp_path):
     model.compile("sgd", "binary_crossentropy")
     with pytest.raises(tf.errors.InvalidArgumentError, match=shard):
         model.fit(dataset, epochs=1, verbose=0)
+
+
+def test_jpeg_records_decode_to_single_channel_images(tmp_path):
+    import io
+    import json
+
+    from PIL import Image
+
+    write_tiny_dataset(tmp_path, image_size=SIZE, split_sizes={"val": (1, 1)}, num_shards=1)
+    manifest = json.loads((tmp_path / features.MANIFEST_FILENAME).read_text())
+    shard = tmp_path / manifest["splits"]["val"]["shard_files"][0]
+    expected = [labelled_image(label, index, SIZE) for label, index in ((0, 0), (1, 1))]
+    with tf.io.TFRecordWriter(str(shard)) as writer:
+        for label, pixels in enumerate(expected):
+            buffer = io.BytesIO()
+            Image.fromarray(pixels[..., 0], mode="L").save(buffer, format="JPEG", quality=95)
+            writer.write(features.serialize_example(buffer.getvalue(), label, filename=f"x{label}.jpeg"))
+    images, labels = _epoch(input_pipeline.create_dataset(_config(tmp_path), "val", 2, training=False))
+    assert images.shape == (2, SIZE, SIZE, 1) and list(labels) == [0.0, 1.0]
+    for image, pixels in zip(images, expected, strict=True):
+        assert np.abs(image.astype(int) - pixels.astype(int)).mean() < 6  # lossy, but the same image
+
+
+def test_record_of_another_size_than_the_manifest_fails_naming_the_file(tmp_path):
+    import json
+
+    write_tiny_dataset(tmp_path, image_size=40, split_sizes={"val": (2, 2)})
+    manifest_path = tmp_path / features.MANIFEST_FILENAME
+    manifest = json.loads(manifest_path.read_text())
+    manifest["image_size"] = SIZE
+    manifest_path.write_text(json.dumps(manifest))
+    dataset = input_pipeline.create_dataset(_config(tmp_path), "val", 2, training=False)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"img000\d\d\.png.*holds an image of shape"):
+        _epoch(dataset)
