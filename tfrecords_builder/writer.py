@@ -94,11 +94,10 @@ class WorkerPool:
         self.num_workers = max(1, num_workers)
         self._pool = None
         if self.num_workers > 1:
-            # forkserver: workers do not inherit this process's TensorFlow threads; preloading
-            # only the TF-free worker module keeps their start-up short.
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["tfrecords_builder.worker"])
-            self._pool = context.Pool(self.num_workers)
+            # fork, not spawn/forkserver: those re-run the __main__ script in every worker, and a
+            # console script's top-level import pulls in TensorFlow (seconds per worker). The pool
+            # is made before any TensorFlow op runs, and workers only ever run PIL and hashlib.
+            self._pool = multiprocessing.get_context("fork").Pool(self.num_workers)
 
     def imap_unordered(self, fn, tasks: list) -> Iterator:
         if self._pool is None:

@@ -1,0 +1,201 @@
+"""cxr-build-tfrecords end to end: real images through TFDS, every bad input, the binary itself."""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from cxr_tfdata import features
+from tests.helpers import REPO_ROOT, SHARED_DATA, requires_shared_data
+from tfrecords_builder import build, sample, scan, writer
+
+
+def _config(input_dir, output_dir, **overrides):
+    settings = dict(input_dir=str(input_dir), output_dir=str(output_dir), image_size=32,
+                    num_workers=1, num_shards=2)
+    settings.update(overrides)
+    return build.BuildConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def sample_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sample") / "images"
+    sample.write_sample(str(path), num_images=40, seed=3)
+    return path
+
+
+@pytest.fixture
+def images(sample_dir, tmp_path):
+    """A private copy of the synthetic sample that a test may damage."""
+    return shutil.copytree(sample_dir, tmp_path / "images")
+
+
+def _records(data_dir, split):
+    builder = tfds.builder_from_directory(str(data_dir))
+    return list(builder.as_dataset(split=split).as_numpy_iterator())
+
+
+@requires_shared_data
+def test_real_images_build_reads_back_through_tfds_with_exact_counts(tmp_path):
+    source = shutil.copytree(SHARED_DATA / "chest_xray_orig", tmp_path / "orig")
+    manifest = build.build_dataset(_config(source, tmp_path / "out", image_size=64, num_workers=2,
+                                           num_shards=0, target_shard_mb=0.1))
+    builder = tfds.builder_from_directory(str(tmp_path / "out"))
+    assert builder.info.features["label"].names == list(features.CLASS_NAMES)
+    assert builder.info.features["image"].shape == (64, 64, 1)
+    counts = {s: builder.info.splits[s].num_examples for s in ("train", "val", "test")}
+    num_sources = sum(1 for _ in source.glob("*/*/*.jpeg"))
+    dropped = len(manifest["dropped_leaks"]) + len(manifest["skipped"])
+    assert sum(counts.values()) == num_sources - dropped
+    assert counts["test"] == 71  # test stays as given: 40 NORMAL + 31 PNEUMONIA
+    assert manifest["splits"]["test"]["class_counts"] == {"NORMAL": 40, "PNEUMONIA": 31}
+    assert manifest["val_source"] == "carved from train"
+    patients_by_split = {}
+    for split in counts:
+        records = _records(tmp_path / "out", split)
+        assert len(records) == counts[split] == manifest["splits"][split]["num_examples"]
+        assert manifest["splits"][split]["num_shards"] >= 2
+        labels = [int(r["label"]) for r in records]
+        assert manifest["splits"][split]["class_counts"] == {"NORMAL": labels.count(0), "PNEUMONIA": labels.count(1)}
+        assert all(r["image"].shape == (64, 64, 1) and r["original_width"] >= 399 for r in records)
+        patients_by_split[split] = {r["patient_id"] for r in records}
+    assert not patients_by_split["train"] & patients_by_split["val"]
+    assert not patients_by_split["train"] & patients_by_split["test"]
+    assert manifest["duplicates"] == {"within_split": [], "across_splits": []}  # none in this folder
+    raw = next(iter(tf.data.TFRecordDataset(str(tmp_path / "out" / manifest["splits"]["val"]["shard_files"][0]))))
+    parsed = tf.io.parse_single_example(raw, features.PARSE_SPEC)  # the schema readers use
+    assert tf.io.decode_jpeg(parsed["image"]).shape == (64, 64, 1)
+
+
+def _add_bad_and_odd_files(images):
+    normal = images / "train" / "NORMAL"
+    good = sorted(normal.glob("*.jpeg"))[0].read_bytes()
+    (normal / "IM-9001-0001.jpeg").write_bytes(b"")
+    (normal / "IM-9002-0001.jpeg").write_bytes(good[: len(good) // 2])
+    (normal / "IM-9003-0001.jpeg").write_bytes(b"\xff\xd8\xff\xe0garbage" * 50)
+    (normal / "notes.txt").write_text("not an image")
+    gray = np.asarray(Image.open(io.BytesIO(good)).convert("L"))
+    Image.fromarray(np.stack([gray] * 3, -1)).convert("CMYK").save(normal / "IM-9004-0001.jpeg")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(normal / "IM-9005-0001.png")
+    Image.fromarray(np.dstack([gray] * 3 + [np.full_like(gray, 255)])).save(normal / "IM-9006-0001.png")
+    rotated = Image.fromarray(gray)
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    rotated.save(normal / "IM-9007-0001.jpeg", exif=exif.tobytes())
+    return {"train/NORMAL/IM-9001-0001.jpeg", "train/NORMAL/IM-9002-0001.jpeg",
+            "train/NORMAL/IM-9003-0001.jpeg", "train/NORMAL/notes.txt"}, gray.shape
+
+
+def test_bad_files_are_skipped_with_reasons_and_odd_formats_kept(images, tmp_path):
+    bad, (height, width) = _add_bad_and_odd_files(images)
+    num_good = sum(1 for p in images.glob("*/*/*") if p.is_file()) - len(bad)
+    manifest = build.build_dataset(_config(images, tmp_path / "out", num_workers=2))
+    skipped = {s["path"]: s["reason"] for s in manifest["skipped"]}
+    assert set(skipped) == bad
+    assert "empty" in skipped["train/NORMAL/IM-9001-0001.jpeg"]
+    assert "truncated" in skipped["train/NORMAL/IM-9002-0001.jpeg"]
+    assert "not a recognised image" in skipped["train/NORMAL/notes.txt"]
+    assert sum(s["num_examples"] for s in manifest["splits"].values()) == num_good
+    by_name = {r["filename"].decode(): r for s in manifest["splits"] for r in _records(tmp_path / "out", s)}
+    for name in ("IM-9004-0001.jpeg", "IM-9005-0001.png", "IM-9006-0001.png"):
+        record = by_name[f"NORMAL/{name}"]
+        assert (record["original_height"], record["original_width"]) == (height, width)
+        assert record["patient_id"].decode() == name[:7]
+    assert (by_name["NORMAL/IM-9007-0001.jpeg"]["original_height"],
+            by_name["NORMAL/IM-9007-0001.jpeg"]["original_width"]) == (width, height)
+
+
+def test_strict_makes_a_bad_file_fatal_and_writes_nothing(images, tmp_path):
+    (images / "test" / "PNEUMONIA" / "person999_virus_1.jpeg").write_bytes(b"")
+    with pytest.raises(writer.BuildError, match="person999_virus_1.jpeg"):
+        build.build_dataset(_config(images, tmp_path / "out", strict=True))
+    assert sorted(os.listdir(tmp_path)) == ["images"]
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: shutil.rmtree(d / "train" / "PNEUMONIA"), "missing class folder .*train/PNEUMONIA"),
+        (lambda d: [p.unlink() for p in (d / "test" / "NORMAL").iterdir()], "empty class folder .*test/NORMAL"),
+        (lambda d: (d / "train" / "COVID").mkdir(), "unknown class folder .*train/COVID"),
+        (lambda d: (d / "extra").mkdir(), "unknown split folder .*extra"),
+        (lambda d: shutil.rmtree(d / "test"), "missing split folder .*test"),
+        (lambda d: (d / "train" / "NORMAL" / "sub").mkdir(), "unexpected folder .*NORMAL/sub"),
+    ],
+)
+def test_bad_layout_names_the_path_and_writes_nothing(images, tmp_path, damage, message):
+    damage(images)
+    with pytest.raises(scan.LayoutError, match=message):
+        build.build_dataset(_config(images, tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path)) == ["images"]
+
+
+def test_a_class_with_only_bad_files_is_an_error(images, tmp_path):
+    for path in (images / "test" / "NORMAL").iterdir():
+        path.write_bytes(b"not a jpeg")
+    with pytest.raises(writer.BuildError, match="test/NORMAL"):
+        build.build_dataset(_config(images, tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path)) == ["images"]
+
+
+def test_existing_output_is_refused_then_replaced_with_overwrite(images, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    with pytest.raises(writer.BuildError, match="already exists.*--overwrite"):
+        build.build_dataset(_config(images, out))
+    assert (out / "keep.txt").read_text() == "old"
+    stale = tmp_path / ".out.incomplete-999999999"  # a killed run's staging folder
+    (stale / "dataset").mkdir(parents=True)
+    manifest = build.build_dataset(_config(images, out, overwrite=True, encoding="png"))
+    assert not (out / "keep.txt").exists() and (out / "dataset_info.json").exists()
+    assert json.loads((out / "manifest.json").read_text())["encoding"] == "png" == manifest["encoding"]
+    assert sorted(os.listdir(tmp_path)) == ["images", "out"]
+
+
+def test_small_given_val_is_merged_and_a_large_one_kept(images, tmp_path):
+    val = images / "val" / "PNEUMONIA"
+    val.mkdir(parents=True)
+    shutil.move(str(next((images / "train" / "PNEUMONIA").glob("*.jpeg"))), val)
+    merged = build.build_dataset(_config(images, tmp_path / "a", min_val_images=5))
+    assert merged["val_source"] == "carved from train"
+    kept = build.build_dataset(_config(images, tmp_path / "b", min_val_images=1))
+    assert kept["val_source"] == "given" and kept["splits"]["val"]["num_examples"] == 1
+
+
+def test_pad_and_seed_are_recorded_and_carve_out_is_seeded(images, tmp_path):
+    first = build.build_dataset(_config(images, tmp_path / "a", resize="pad", seed=1))
+    again = build.build_dataset(_config(images, tmp_path / "b", resize="pad", seed=1))
+    assert first["flags"]["resize"] == "pad" and first["flags"]["seed"] == 1
+    assert first["splits"]["val"]["class_counts"] == again["splits"]["val"]["class_counts"]
+    assert sorted(r["filename"] for r in _records(tmp_path / "a", "val")) == sorted(
+        r["filename"] for r in _records(tmp_path / "b", "val"))
+
+
+def _run_binary(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-m", "tfrecords_builder", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_binary_missing_input_dir_exits_nonzero_and_leaves_no_output(tmp_path):
+    result = _run_binary(f"--input_dir={tmp_path / 'nope'}", f"--output_dir={tmp_path / 'out'}")
+    assert result.returncode != 0
+    assert f"{tmp_path / 'nope'}" in result.stderr and "does not exist" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_binary_builds_and_verifies(images, tmp_path):
+    result = _run_binary(f"--input_dir={images}", f"--output_dir={tmp_path / 'out'}", "--image_size=32",
+                         "--num_workers=2", "--verify")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "OK" in result.stderr
+    assert features.read_manifest(str(tmp_path / "out"))["flags"]["num_workers"] == 2
