@@ -15,9 +15,11 @@ or corrupted shard fails with a `tf.errors.InvalidArgumentError` whose message n
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 
 import numpy as np
+import psutil
 import tensorflow as tf
 
 from cxr_tfdata import features
@@ -181,12 +183,33 @@ def _decoded_examples(records: tf.data.Dataset, image_size: int, with_metadata: 
     return parsed.map(decode, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
 
 
+def _remove_stale_cache_lock(prefix: str) -> None:
+    """Removes the lock and partial files of a file cache whose writer died before this process began.
+
+    tf.data discards a partial cache when its iterator is destroyed, but a killed process leaves
+    `<prefix>_<n>.lockfile` behind, and every later run would then refuse the cache. A lock older
+    than this process cannot be its own; one cache_dir per concurrently running job is assumed.
+    """
+    process_start = psutil.Process().create_time()
+    for lock in tf.io.gfile.glob(prefix + "_*.lockfile"):
+        with tf.io.gfile.GFile(lock) as f:
+            text = f.read()
+        created = float(text.split(":")[-1]) if text.startswith("Created at:") else process_start
+        if created < process_start - 1:
+            logging.warning("removing the stale tf.data cache lock %s left by a process that ended", lock)
+            for partial in tf.io.gfile.glob(lock[: -len(".lockfile")] + ".data-*tempstate*"):
+                tf.io.gfile.remove(partial)
+            tf.io.gfile.remove(lock)
+
+
 def _cache(dataset: tf.data.Dataset, config: DataConfig, name: str) -> tf.data.Dataset:
     if config.cache == "memory":
         return dataset.cache()
     if config.cache == "file":
         tf.io.gfile.makedirs(config.cache_dir)
-        return dataset.cache(os.path.join(config.cache_dir, name))
+        prefix = os.path.join(config.cache_dir, name)
+        _remove_stale_cache_lock(prefix)
+        return dataset.cache(prefix)
     return dataset
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -254,3 +255,23 @@ def test_record_of_another_size_than_the_manifest_fails_naming_the_file(tmp_path
     dataset = input_pipeline.create_dataset(_config(tmp_path), "val", 2, training=False)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"img000\d\d\.png.*holds an image of shape"):
         _epoch(dataset)
+
+
+def test_file_cache_left_locked_by_a_killed_run_is_reused(dataset_dir, tmp_path):
+    import time
+
+    cache_dir = tmp_path / "cache"
+    config = _config(dataset_dir, cache="file", cache_dir=str(cache_dir))
+    _epoch(input_pipeline.create_dataset(config, "train", 4, training=True))
+    (index_file,) = cache_dir.glob("*.index")
+    prefix = str(index_file)[: -len(".index")]
+    for path in cache_dir.iterdir():
+        path.unlink()
+    # What a process killed in its first epoch leaves behind (tf.data's own file names and format).
+    lock = Path(prefix + "_0.lockfile")
+    lock.write_text(f"Created at: {int(time.time()) - 3600}")
+    Path(prefix + "_0.data-00000-of-00001.tempstate123").write_bytes(b"partial")
+    images, labels = _epoch(input_pipeline.create_dataset(config, "train", 4, training=True))
+    assert len(images) == 36
+    np.testing.assert_array_equal(images[:, 0, 0, 0], 200 * labels.astype(np.uint8))
+    assert not lock.exists() and (cache_dir / index_file.name).exists()
