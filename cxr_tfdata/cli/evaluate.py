@@ -27,6 +27,8 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per inference batch
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import tensorflow as tf
+
     from cxr_tfdata import evaluate
 
     try:
@@ -43,7 +45,7 @@ def main(argv):
             batch_size=_BATCH_SIZE.value,
         )
         metrics = evaluate.evaluate(config)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, tf.errors.OpError) as e:  # a damaged shard is named in its message
         print(f"cxr-evaluate: error: {e}", file=sys.stderr)
         return 1
     boot = metrics["bootstrap"]
