@@ -1,5 +1,5 @@
 """`python -m tfrecords_builder`: the same binary as cxr-build-tfrecords."""
 
-from tfrecords_builder.main import run
+from tfrecords_builder import main
 
-run()
+main.run()

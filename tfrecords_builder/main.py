@@ -6,7 +6,7 @@ import sys
 
 from absl import app, flags, logging
 
-from tfrecords_builder import build, scan, writer
+from tfrecords_builder import build, scan, verify, writer
 
 _INPUT_DIR = flags.DEFINE_string("input_dir", None, "Folder with {train,test[,val]}/{NORMAL,PNEUMONIA}/*.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Dataset folder to create (TFDS dataset dir + manifest.json).")
@@ -51,8 +51,6 @@ def main(argv):
         logging.error("%s", e)
         sys.exit(f"cxr-build-tfrecords: error: {e}")
     if _VERIFY.value:
-        from tfrecords_builder import verify
-
         report = verify.verify_dataset(config.output_dir)
         if not report.ok:
             sys.exit(f"cxr-build-tfrecords: verify failed: {report.summary()}")
@@ -60,6 +58,9 @@ def main(argv):
 
 
 def run():
+    # --help describes the flags of the script being run; make this module's flags those.
+    for flag in flags.FLAGS.get_flags_for_module(__name__):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     app.run(main)
 
 

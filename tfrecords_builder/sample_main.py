@@ -25,6 +25,9 @@ def main(argv):
 
 
 def run():
+    # --help describes the flags of the script being run; make this module's flags those.
+    for flag in flags.FLAGS.get_flags_for_module(__name__):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     app.run(main)
 
 
