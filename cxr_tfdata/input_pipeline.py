@@ -15,8 +15,10 @@ or corrupted shard fails with a `tf.errors.InvalidArgumentError` whose message n
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import re
 
 import numpy as np
 import psutil
@@ -94,37 +96,65 @@ def raise_for_corrupt_shards(data_dir: str, split: str) -> None:
         raise CorruptShardError(*corrupt[0])
 
 
-def _read_shard_checked(path: tf.Tensor, size: tf.Tensor) -> tf.data.Dataset:
+def _read_shard_checked(path: tf.Tensor, size: tf.Tensor, expected_records: tf.Tensor) -> tf.data.Dataset:
     """The records of one shard; fails naming the shard when they do not account for every byte.
 
     TFRecordDataset's DataLossError does not name the file, and tf.data cannot catch an error per
     element. So errors are dropped (`ignore_errors` ends the shard at the first bad record) and the
-    bytes read are summed; an end-of-shard marker then compares the sum with the file size.
+    bytes read are summed; an end-of-shard marker then compares the sum with the file size, and
+    the record count with the one tensorflow-datasets recorded (when known, else -1), which also
+    catches a shard cut exactly between two records.
     """
     records = tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER_BYTES).ignore_errors()
     marked = records.map(lambda r: (r, False)).concatenate(
         tf.data.Dataset.from_tensors((tf.constant(b""), True))
     )
 
-    def add_bytes(consumed, element):
+    def add_record(totals, element):
         record, is_end = element
         length = tf.cast(tf.strings.length(record), tf.int64) + _RECORD_OVERHEAD_BYTES
-        consumed = consumed + tf.where(is_end, tf.constant(0, tf.int64), length)
-        return consumed, (record, is_end, consumed)
+        consumed, count = totals
+        consumed += tf.where(is_end, tf.constant(0, tf.int64), length)
+        count += tf.where(is_end, tf.constant(0, tf.int64), tf.constant(1, tf.int64))
+        return (consumed, count), (record, is_end, consumed, count)
 
-    def check_end(record, is_end, consumed):
-        complete = tf.logical_or(tf.logical_not(is_end), tf.equal(consumed, size))
+    def check_end(record, is_end, consumed, count):
+        whole = tf.logical_and(
+            tf.equal(consumed, size), tf.logical_or(expected_records < 0, tf.equal(count, expected_records))
+        )
         message = tf.strings.join([
             "TFRecord shard ", path, " is truncated or corrupted: its readable records end at byte ",
-            tf.strings.as_string(consumed), " of ", tf.strings.as_string(size),
-            " (find_corrupt_shards() gives TensorFlow's reason); rebuild the dataset with cxr-build-tfrecords",
+            tf.strings.as_string(consumed), " of ", tf.strings.as_string(size), " after ",
+            tf.strings.as_string(count), " records (dataset_info.json: ", tf.strings.as_string(expected_records),
+            "; find_corrupt_shards() gives TensorFlow's reason); rebuild the dataset with cxr-build-tfrecords",
         ])
-        with tf.control_dependencies([tf.debugging.Assert(complete, [message])]):
+        failed = tf.logical_and(is_end, tf.logical_not(whole))
+        with tf.control_dependencies([tf.debugging.Assert(tf.logical_not(failed), [message])]):
             return record, tf.identity(is_end)
 
-    scanned = marked.scan(tf.constant(0, tf.int64), add_bytes)
-    checked = scanned.map(check_end)
+    zero = tf.constant(0, tf.int64)
+    checked = marked.scan((zero, zero), add_record).map(check_end)
     return checked.filter(lambda record, is_end: tf.logical_not(is_end)).map(lambda record, _: record)
+
+
+def _tfds_shard_lengths(data_dir: str, split: str, paths: list[str]) -> list[int]:
+    """Records per shard as tensorflow-datasets wrote them in dataset_info.json; -1 where unknown."""
+    unknown = [-1] * len(paths)
+    info_path = os.path.join(data_dir, "dataset_info.json")
+    if not tf.io.gfile.exists(info_path):
+        return unknown
+    with tf.io.gfile.GFile(info_path) as f:
+        info = json.load(f)
+    lengths = next((s.get("shardLengths") for s in info.get("splits", []) if s.get("name") == split), None)
+    if not lengths:
+        return unknown
+    counts = []
+    for path in paths:
+        match = re.search(r"-(\d{5})-of-(\d{5})$", path)
+        if not match or int(match.group(2)) != len(lengths):
+            return unknown
+        counts.append(int(lengths[int(match.group(1))]))
+    return counts
 
 
 def _checked_shard_files(data_dir: str, split: str, config: DataConfig) -> tuple[list[str], list[int]]:
@@ -219,10 +249,12 @@ def _cache_name(config: DataConfig, split: str, sizes: list[int], tag: str) -> s
     return f"{split}-{config.image_size}px-{tag}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
-def _read_records(paths: list[str], sizes: list[int], training: bool, config: DataConfig,
-                  input_context: tf.distribute.InputContext | None) -> tf.data.Dataset:
+def _read_records(paths: list[str], sizes: list[int], record_counts: list[int], training: bool,
+                  config: DataConfig, input_context: tf.distribute.InputContext | None) -> tf.data.Dataset:
     """Checked records of the shards; in manifest and file order unless training."""
-    files = tf.data.Dataset.from_tensor_slices((paths, tf.constant(sizes, tf.int64)))
+    files = tf.data.Dataset.from_tensor_slices(
+        (paths, tf.constant(sizes, tf.int64), tf.constant(record_counts, tf.int64))
+    )
     shard_records_by_context = False
     if input_context is not None and input_context.num_input_pipelines > 1:
         if len(paths) >= input_context.num_input_pipelines:
@@ -327,11 +359,12 @@ def create_dataset(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     paths, sizes = _checked_shard_files(config.data_dir, split, config)
+    record_counts = _tfds_shard_lengths(config.data_dir, split, paths)
     deterministic = config.deterministic or not training
     image_size = config.image_size
 
     def make_examples(only_label=None):
-        records = _read_records(paths, sizes, training, config, input_context)
+        records = _read_records(paths, sizes, record_counts, training, config, input_context)
         examples = _decoded_examples(records, image_size, with_metadata, deterministic, only_label)
         tag = ("meta" if with_metadata else "plain") + ("" if only_label is None else f"-class{only_label}")
         if input_context is not None:

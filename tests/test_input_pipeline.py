@@ -275,3 +275,21 @@ def test_file_cache_left_locked_by_a_killed_run_is_reused(dataset_dir, tmp_path)
     assert len(images) == 36
     np.testing.assert_array_equal(images[:, 0, 0, 0], 200 * labels.astype(np.uint8))
     assert not lock.exists() and (cache_dir / index_file.name).exists()
+
+
+def test_shard_cut_between_two_records_is_caught_by_the_recorded_shard_lengths(dataset_dir, tmp_path):
+    import json
+
+    copy = tmp_path / "cut"
+    shutil.copytree(dataset_dir, copy)
+    shard_files = features.read_manifest(str(copy))["splits"]["train"]["shard_files"]
+    lengths = [sum(1 for _ in tf.data.TFRecordDataset(str(copy / name))) for name in shard_files]
+    info = {"splits": [{"name": "train", "shardLengths": [str(n) for n in lengths]}]}
+    (copy / "dataset_info.json").write_text(json.dumps(info))
+    assert len(_epoch(input_pipeline.create_dataset(_config(copy), "train", 4, training=False))[0]) == 36
+    shard = copy / shard_files[2]
+    last_record = list(tf.data.TFRecordDataset(str(shard)))[-1].numpy()
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - len(last_record) - 16])  # a whole record gone, framing intact
+    with pytest.raises(tf.errors.InvalidArgumentError, match=str(shard)):
+        _epoch(input_pipeline.create_dataset(_config(copy), "train", 4, training=True))
