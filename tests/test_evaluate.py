@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -243,3 +244,18 @@ def test_config_rejects_bad_flags():
         evaluate.EvaluateConfig(model_path="m", data_dir="d", output_dir="o", target_recall=1.5)
     with pytest.raises(ValueError, match="--threshold"):
         evaluate.EvaluateConfig(model_path="m", data_dir="d", output_dir="o", threshold=-0.1)
+
+
+def test_threshold_override_needs_no_val_split(setup, tmp_path):
+    data_dir = tmp_path / "test_only"
+    helpers.write_tiny_dataset(data_dir, {"test": (3, 5)}, image_size=32)
+    config = evaluate.EvaluateConfig(
+        model_path=str(setup.model_path), data_dir=str(data_dir), output_dir=str(tmp_path / "out"),
+        threshold=0.3, bootstrap_samples=20)
+    metrics = evaluate.evaluate(config)
+    assert metrics["operating_point"]["threshold"] == 0.3
+    assert metrics["operating_point"]["chosen_by"] == "--threshold"
+    assert metrics["threshold"] == 0.5 and metrics["n"] == 8
+    without_override = dataclasses.replace(config, threshold=None, output_dir=str(tmp_path / "out2"))
+    with pytest.raises(ValueError, match=r"'val'.*\['test'\]"):
+        evaluate.evaluate(without_override)
