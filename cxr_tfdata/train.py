@@ -229,6 +229,29 @@ class EpochLearningRateDecay(keras.callbacks.Callback):
             optimizer.learning_rate = float(optimizer.learning_rate) * self.rate
 
 
+class EpochTimer(keras.callbacks.Callback):
+    """Adds epoch_seconds and train_images_per_second (training steps only, no validation) to the logs."""
+
+    def __init__(self, images_per_step: int, steps_per_epoch: int):
+        super().__init__()
+        self.images_per_epoch = images_per_step * steps_per_epoch
+        self._epoch_start = self._train_end = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.monotonic()
+        self._train_end = 0.0
+
+    def on_test_begin(self, logs=None):
+        self._train_end = self._train_end or time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.monotonic()
+        train_seconds = (self._train_end or now) - self._epoch_start
+        if logs is not None:
+            logs["epoch_seconds"] = now - self._epoch_start
+            logs["train_images_per_second"] = self.images_per_epoch / max(train_seconds, 1e-9)
+
+
 def _learning_rate(model: keras.Model) -> float:
     return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
 
@@ -238,8 +261,12 @@ class StageCheckpoint(keras.callbacks.Callback):
     last weights (model + optimizer), then the state file, in that order (the state file is
     the commit point: a kill before it costs at most the epoch that was being saved)."""
 
-    def __init__(self, paths: StagePaths, state: dict[str, Any], early_stopping, reduce_lr):
+    def __init__(self, paths: StagePaths, state: dict[str, Any], early_stopping, reduce_lr,
+                 export_model: keras.Model | None = None):
         super().__init__()
+        # An uncompiled twin of the model: best-model files then hold no optimizer state
+        # (less than half the size in the finetune stage) and load anywhere with compile=False.
+        self.export_model = export_model
         self.paths = paths
         self.state = state
         self.early_stopping = early_stopping
@@ -252,7 +279,9 @@ class StageCheckpoint(keras.callbacks.Callback):
             raise ValueError(f"no {MONITOR} in the epoch logs {sorted(logs)}: validation did not run")
         best = self.state["best_val_loss"]
         if best is None or val_loss < best:
-            save_model_atomic(self.model, self.paths.best_model)
+            if self.export_model is not None:
+                self.export_model.set_weights(self.model.get_weights())
+            save_model_atomic(self.export_model or self.model, self.paths.best_model)
             self.state["best_val_loss"] = val_loss
             self.state["best_epoch"] = epoch
             logging.info("Epoch %d: val_loss %.5f improved on %s, saved %s", epoch + 1, val_loss, best,
@@ -280,7 +309,8 @@ def history_csv_text(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def stage_callbacks(
-    stage: StageConfig, paths: StagePaths, state: dict[str, Any], best_weights=None
+    stage: StageConfig, paths: StagePaths, state: dict[str, Any], best_weights=None,
+    export_model: keras.Model | None = None, images_per_step: int = 0, steps_per_epoch: int = 0,
 ) -> list[keras.callbacks.Callback]:
     """EarlyStopping and ReduceLROnPlateau before the checkpoint, so it records their new state."""
     early_stopping = ResumableEarlyStopping(
@@ -292,10 +322,11 @@ def stage_callbacks(
         min_lr=stage.min_learning_rate, verbose=1, initial_state=state["reduce_lr"],
     )
     return [
+        EpochTimer(images_per_step, steps_per_epoch),
         EpochLearningRateDecay(stage.lr_decay_per_epoch),
         early_stopping,
         reduce_lr,
-        StageCheckpoint(paths, state, early_stopping, reduce_lr),
+        StageCheckpoint(paths, state, early_stopping, reduce_lr, export_model),
         *_tensorboard(paths.log_dir),
     ]
 
@@ -347,7 +378,11 @@ def make_datasets(config: TrainConfig, stage: StageConfig, strategy: tf.distribu
 
     train = strategy.distribute_datasets_from_function(train_fn)
     # Val keeps its last partial batch; Keras splits each global batch over the replicas itself.
-    val = input_pipeline.create_dataset(config.data, "val", global_batch, training=False)
+    # (Keras 3 builds the model from the first val batch, so with several replicas the val split
+    # must hold at least one full global batch.) A known length spares Keras a run-out warning.
+    num_val = input_pipeline.split_num_examples(config.data.data_dir, "val")
+    val = input_pipeline.create_dataset(config.data, "val", global_batch, training=False).apply(
+        tf.data.experimental.assert_cardinality(-(-num_val // global_batch)))
     logging.info("Stage %s: global batch %d (%d x %d replicas), %d steps per epoch",
                  stage.name, global_batch, stage.batch_size, replicas, steps)
     return train, val, steps
@@ -376,14 +411,20 @@ def _load_model_weights(path: str, what: str) -> list:
     return keras.saving.load_model(path, compile=False, safe_mode=True).get_weights()
 
 
-def build_stage_model(config: TrainConfig, stage: StageConfig, state: dict[str, Any],
-                      paths: StagePaths) -> keras.Model:
-    """The stage's model, compiled; from its last checkpoint when resuming, else from its start
-    point (random/ImageNet base for frozen, the frozen stage's best model for finetune)."""
+def _stage_architecture(config: TrainConfig, stage: StageConfig) -> keras.Model:
     model = model_lib.build_model(
         config.data.image_size, config.model, config.augment,
         head_batch_norm=stage.name == "finetune", seed=config.data.seed,
     )
+    model_lib.configure_trainable(model, stage.name, config.model)
+    return model
+
+
+def build_stage_model(config: TrainConfig, stage: StageConfig, state: dict[str, Any],
+                      paths: StagePaths) -> keras.Model:
+    """The stage's model, compiled; from its last checkpoint when resuming, else from its start
+    point (random/ImageNet base for frozen, the frozen stage's best model for finetune)."""
+    model = _stage_architecture(config, stage)
     if stage.name == "finetune" and state["epochs_completed"] == 0:
         frozen_best = stage_paths(config.model_dir, "frozen").best_model
         source = keras.saving.load_model(frozen_best, compile=False, safe_mode=True) if os.path.exists(
@@ -394,7 +435,6 @@ def build_stage_model(config: TrainConfig, stage: StageConfig, state: dict[str, 
                 f"model; run --stage=frozen (or --stage=both) with this --model_dir first"
             )
         model_lib.transfer_weights(source, model)
-    model_lib.configure_trainable(model, stage.name, config.model)
     compile_for_stage(model, stage, config)
     if state["epochs_completed"] > 0:
         model.optimizer.build(model.trainable_variables)
@@ -409,7 +449,7 @@ def _fit(model, train, val, steps, stage, state, callbacks, config):
     try:
         return model.fit(
             train, validation_data=val, epochs=stage.epochs, initial_epoch=state["epochs_completed"],
-            steps_per_epoch=steps, callbacks=callbacks, verbose=2,
+            steps_per_epoch=steps, callbacks=callbacks, verbose=2, shuffle=False,  # tf.data shuffles
         )
     except input_pipeline.CorruptShardError:
         raise
@@ -436,7 +476,10 @@ def run_stage(config: TrainConfig, stage: StageConfig, strategy: tf.distribute.S
     best_weights = None
     if state["early_stopping"] is not None:
         best_weights = _load_model_weights(paths.best_model, "the best model of the resumed stage")
-    callbacks = stage_callbacks(stage, paths, state, best_weights) + list(extra_callbacks)
+    export_model = _stage_architecture(config, stage)
+    global_batch = stage.batch_size * strategy.num_replicas_in_sync
+    callbacks = stage_callbacks(stage, paths, state, best_weights, export_model, global_batch, steps)
+    callbacks += list(extra_callbacks)
     started = time.monotonic()
     if not state["stop_training"] and state["epochs_completed"] < stage.epochs:
         _fit(model, train, val, steps, stage, state, callbacks, config)

@@ -178,3 +178,17 @@ def test_auto_precision_on_a_cpu_follows_its_bfloat16_flags(tmp_path, flags_line
 
 def test_explicit_precision_is_kept():
     assert precision.choose_precision_policy("mixed_float16")[0] == "mixed_float16"
+
+
+def test_weights_from_a_keras_applications_style_h5_file(tmp_path):
+    """The layout of resnet50v2_..._notop.h5 as keras.applications publishes it (Keras 2 HDF5 weights)."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    source = model_lib.build_base(IMAGE_SIZE, ModelConfig(weights="none"))
+    path = tmp_path / model_lib.IMAGENET_WEIGHTS_FILE
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, source)
+    loaded = model_lib.build_base(IMAGE_SIZE, ModelConfig(weights=str(path)))
+    for a, b in zip(source.get_weights(), loaded.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -119,8 +119,11 @@ def test_resume_continues_at_the_next_epoch_and_keeps_the_best_model(frozen_run)
 @pytest.mark.slow
 def test_frozen_stage_learns_and_writes_its_outputs(frozen_run):
     model_dir, _, _, metrics = frozen_run
-    losses = [float(row["loss"]) for row in _history(model_dir, "frozen")]
+    history = _history(model_dir, "frozen")
+    losses = [float(row["loss"]) for row in history]
     assert losses[-1] < losses[0]
+    assert all(float(row["train_images_per_second"]) > 0 for row in history)
+    assert all(float(row["epoch_seconds"]) > 0 for row in history)
     for name in ("frozen_best.keras", "final.keras", "config.json", "metrics.json", "history_frozen.csv"):
         assert (model_dir / name).is_file(), name
     assert os.listdir(model_dir / "logs" / "frozen")
