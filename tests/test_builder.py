@@ -15,7 +15,7 @@ from PIL import Image
 
 from cxr_tfdata import features
 from tests.helpers import REPO_ROOT, SHARED_DATA, requires_shared_data
-from tfrecords_builder import build, sample, scan, writer
+from tfrecords_builder import build, sample, scan, worker, writer
 
 
 def _config(input_dir, output_dir, **overrides):
@@ -199,3 +199,41 @@ def test_binary_builds_and_verifies(images, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "OK" in result.stderr
     assert features.read_manifest(str(tmp_path / "out"))["flags"]["num_workers"] == 2
+
+
+def test_interrupted_build_leaves_nothing_behind(images, tmp_path, monkeypatch):
+    real_convert, calls = worker.convert_file, []
+
+    def convert_then_interrupt(task):
+        calls.append(task)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return real_convert(task)
+
+    monkeypatch.setattr(worker, "convert_file", convert_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        build.build_dataset(_config(images, tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path)) == ["images"]
+
+
+def test_a_file_that_changes_during_the_build_is_skipped(images, tmp_path, monkeypatch):
+    real_hash = writer.hash_sources
+    changed = sorted((images / "train" / "PNEUMONIA").glob("*.jpeg"))[0]
+
+    def hash_then_change(pool, paths):
+        hashes = real_hash(pool, paths)
+        hashes[str(changed)] = "0" * 64  # as if the bytes differed when they were hashed
+        return hashes
+
+    monkeypatch.setattr(writer, "hash_sources", hash_then_change)
+    manifest = build.build_dataset(_config(images, tmp_path / "out"))
+    assert manifest["skipped"] == [{"path": f"train/PNEUMONIA/{changed.name}",
+                                    "reason": "file changed while the dataset was being built"}]
+
+
+def test_progress_line_reports_rate_and_eta():
+    now = [100.0]
+    progress = writer.Progress(total=10, label="converted", clock=lambda: now[0])
+    now[0] = 102.0
+    progress.advance(5)
+    assert progress.line() == "converted: 5/10 images (50%), 2.5 images/s, ETA 00:00:02"

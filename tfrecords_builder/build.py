@@ -97,11 +97,13 @@ def _check_classes_present(outcomes: dict[str, writer.SplitOutcome], input_dir: 
                     f"no usable images in {os.path.join(input_dir, split, name)}: every file was skipped")
 
 
-def _write_tfds(config: BuildConfig, the_plan: plan.Plan, pool: writer.WorkerPool, staging: str):
+def _write_tfds(config: BuildConfig, the_plan: plan.Plan, hashes: dict[str, str | None],
+                pool: writer.WorkerPool, staging: str):
     """Runs the TFDS builder into staging/tfds and moves its version folder to staging/dataset."""
     builder = writer.CxrTfrecords(
         split_files=the_plan.splits, options=config.encode_options(), pool=pool,
-        input_dir=config.input_dir, strict=config.strict, data_dir=os.path.join(staging, "tfds"))
+        input_dir=config.input_dir, strict=config.strict, source_hashes=hashes,
+        data_dir=os.path.join(staging, "tfds"))
     builder.download_and_prepare(
         download_config=writer.download_config(config.num_shards, config.target_shard_mb))
     _check_classes_present(builder.outcomes, config.input_dir)
@@ -136,7 +138,7 @@ def build_dataset(config: BuildConfig) -> dict:
             paths = [f.path for files in by_split.values() for f in files]
             hashes = writer.hash_sources(pool, paths)
             the_plan = plan.make_plan(by_split, hashes, input_dir, config.plan_options())
-            builder, dataset_dir = _write_tfds(config, the_plan, pool, staging)
+            builder, dataset_dir = _write_tfds(config, the_plan, hashes, pool, staging)
         content = manifest.make_manifest(config, the_plan, builder, strays, dataset_dir,
                                          time.monotonic() - start)
         manifest.write_manifest(dataset_dir, content)  # last: its presence marks a complete dataset

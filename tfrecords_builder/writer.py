@@ -140,8 +140,10 @@ class CxrTfrecords(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "Single-channel resized images with source file, patient and size."}
 
     def __init__(self, *, split_files: dict[str, list[SourceFile]], options: imaging.EncodeOptions,
-                 pool: WorkerPool, input_dir: str, strict: bool, **kwargs):
+                 pool: WorkerPool, input_dir: str, strict: bool,
+                 source_hashes: dict[str, str | None] | None = None, **kwargs):
         self._split_files = split_files
+        self._source_hashes = source_hashes or {}
         self._options = options
         self._pool = pool
         self._input_dir = input_dir
@@ -187,6 +189,10 @@ class CxrTfrecords(tfds.core.GeneratorBasedBuilder):
             self._progress.advance()
             source = files[index]
             rel_path = os.path.relpath(source.path, self._input_dir)
+            planned_hash = self._source_hashes.get(source.path)
+            if converted is not None and planned_hash and converted.sha256 != planned_hash:
+                # The split plan and duplicate report were made from other bytes.
+                converted, reason = None, "file changed while the dataset was being built"
             if converted is None:
                 if self._strict:
                     raise BuildError(f"{source.path}: {reason} (--strict makes bad images fatal)")
