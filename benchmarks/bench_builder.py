@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import resource
 import shutil
 import statistics
 import tempfile
@@ -56,13 +57,21 @@ def naive_serial_write(files: list[scan.SourceFile], image_size: int, path: str)
     return written
 
 
-def _time(fn, repeats: int) -> tuple[list[float], int]:
-    seconds, count = [], 0
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the pool's workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _time(fn, repeats: int) -> tuple[list[float], int, float]:
+    """Wall seconds of each run, the image count, and the median CPU seconds per run."""
+    seconds, cpu, count = [], [], 0
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), _cpu_seconds()
         count = fn()
         seconds.append(time.perf_counter() - start)
-    return seconds, count
+        cpu.append(_cpu_seconds() - start_cpu)
+    return seconds, count, statistics.median(cpu)
 
 
 def _converter_run(input_dir: str, work_dir: str, workers: int, image_size: int) -> int:
@@ -85,10 +94,12 @@ def draft_difference(files: list[scan.SourceFile], image_size: int, count: int) 
     return {"images": len(diffs), "mean_abs_diff": float(np.mean(diffs)), "max_image_mean_abs_diff": float(np.max(diffs))}
 
 
-def _row(name, workers, seconds, count, naive_rate, one_worker_rate):
+def _row(name, workers, timing, naive_rate, one_worker_rate):
+    seconds, count, cpu = timing
     best, median = min(seconds), statistics.median(seconds)
     rate = count / best
     return {"method": name, "workers": workers, "images": count, "best_s": round(best, 3),
+            "cpu_ms_per_image": round(1000 * cpu / count, 2),
             "median_s": round(median, 3), "images_per_s": round(rate, 1),
             "median_images_per_s": round(count / median, 1),
             "vs_naive": round(rate / naive_rate, 2) if naive_rate else None,
@@ -98,12 +109,16 @@ def _row(name, workers, seconds, count, naive_rate, one_worker_rate):
 def _print_table(rows, draft, load):
     print(f"\nconverter benchmark, {rows[0]['images']} images, image_size={_IMAGE_SIZE.value}, "
           f"load average before: {load}")
-    header = f"{'method':<22}{'workers':>8}{'best s':>9}{'median s':>10}{'img/s':>9}{'x naive':>9}{'x 1 worker':>12}"
+    header = (f"{'method':<22}{'workers':>8}{'best s':>9}{'median s':>10}{'img/s':>9}{'x naive':>9}"
+              f"{'x 1 worker':>12}{'cpu ms/img':>12}")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['method']:<22}{r['workers']:>8}{r['best_s']:>9.2f}{r['median_s']:>10.2f}"
-              f"{r['images_per_s']:>9.1f}{r['vs_naive'] or '':>9}{r['vs_1_worker'] or '':>12}")
+              f"{r['images_per_s']:>9.1f}{r['vs_naive'] or '':>9}{r['vs_1_worker'] or '':>12}"
+              f"{r['cpu_ms_per_image']:>12.2f}")
+    print("cpu ms/img: CPU time of the process and its workers per image; it does not depend on "
+          "what else runs on the machine, unlike the wall-clock columns.")
     print(f"draft vs full JPEG decode at {_IMAGE_SIZE.value} px over {draft['images']} images: "
           f"mean |diff| {draft['mean_abs_diff']:.2f} grey levels (worst image {draft['max_image_mean_abs_diff']:.2f})")
 
@@ -118,15 +133,15 @@ def main(argv):
             f.read()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="bench_builder_") as work_dir:
-        naive_s, naive_n = _time(lambda: naive_serial_write(files, size, os.path.join(work_dir, "naive.tfrecord")),
-                                 _REPEATS.value)
-        rows = [_row("naive serial writer", 1, naive_s, naive_n, None, None)]
-        naive_rate, one_rate = naive_n / min(naive_s), None
+        naive = _time(lambda: naive_serial_write(files, size, os.path.join(work_dir, "naive.tfrecord")),
+                      _REPEATS.value)
+        rows = [_row("naive serial writer", 1, naive, None, None)]
+        naive_rate, one_rate = naive[1] / min(naive[0]), None
         for workers in (int(w) for w in _WORKERS.value):
-            seconds, count = _time(lambda w=workers: _converter_run(input_dir, work_dir, w, size), _REPEATS.value)
-            row = _row("cxr-build-tfrecords", workers, seconds, count, naive_rate, one_rate)
-            one_rate = one_rate or (count / min(seconds) if workers == 1 else None)
-            rows.append(row)
+            timing = _time(lambda w=workers: _converter_run(input_dir, work_dir, w, size), _REPEATS.value)
+            rows.append(_row("cxr-build-tfrecords", workers, timing, naive_rate, one_rate))
+            if workers == 1:
+                one_rate = timing[1] / min(timing[0])
     draft = draft_difference(files, size, _DRAFT_IMAGES.value)
     _print_table(rows, draft, load)
     if _JSON.value:
