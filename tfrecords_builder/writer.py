@@ -99,11 +99,19 @@ class WorkerPool:
             # is made before any TensorFlow op runs, and workers only ever run PIL and hashlib.
             self._pool = multiprocessing.get_context("fork").Pool(self.num_workers)
 
+    def _chunksize(self, num_tasks: int) -> int:
+        return max(1, min(16, num_tasks // (self.num_workers * 8)))
+
     def imap_unordered(self, fn, tasks: list) -> Iterator:
         if self._pool is None:
             return map(fn, tasks)
-        chunksize = max(1, min(16, len(tasks) // (self.num_workers * 8)))
-        return self._pool.imap_unordered(fn, tasks, chunksize=chunksize)
+        return self._pool.imap_unordered(fn, tasks, chunksize=self._chunksize(len(tasks)))
+
+    def imap(self, fn, tasks: list) -> Iterator:
+        """Results in task order."""
+        if self._pool is None:
+            return map(fn, tasks)
+        return self._pool.imap(fn, tasks, chunksize=self._chunksize(len(tasks)))
 
     def close(self) -> None:
         if self._pool is not None:
@@ -149,6 +157,7 @@ class CxrTfrecords(tfds.core.GeneratorBasedBuilder):
         self._input_dir = input_dir
         self._strict = strict
         self._progress = Progress(sum(len(f) for f in split_files.values()), "converted")
+        self._results: Iterator | None = None
         self.outcomes: dict[str, SplitOutcome] = {}
         super().__init__(**kwargs)
 
@@ -180,14 +189,28 @@ class CxrTfrecords(tfds.core.GeneratorBasedBuilder):
         del dl_manager  # sources are local files
         return {split: self._generate_examples(split) for split in self._split_files}
 
+    def _converted(self, split: str) -> Iterator:
+        """This split's (source, converted, reason) from one ordered stream over all splits.
+
+        One stream keeps the workers busy across split boundaries (no idle tail per split);
+        TFDS generates the splits one after another in _split_generators' order.
+        """
+        all_files = [f for files in self._split_files.values() for f in files]
+        if self._results is None:
+            tasks = [(i, f.path, self._options) for i, f in enumerate(all_files)]
+            self._results = self._pool.imap(worker.convert_file, tasks)
+        for source in self._split_files[split]:
+            index, converted, reason = next(self._results)
+            if all_files[index] is not source:
+                raise BuildError(f"internal: split {split!r} was generated out of order")
+            yield source, converted, reason
+
     def _generate_examples(self, split: str):
         files = self._split_files[split]
         outcome = self.outcomes[split] = SplitOutcome()
         counts = collections.Counter()
-        tasks = [(i, f.path, self._options) for i, f in enumerate(files)]
-        for index, converted, reason in self._pool.imap_unordered(worker.convert_file, tasks):
+        for source, converted, reason in self._converted(split):
             self._progress.advance()
-            source = files[index]
             rel_path = os.path.relpath(source.path, self._input_dir)
             planned_hash = self._source_hashes.get(source.path)
             if converted is not None and planned_hash and converted.sha256 != planned_hash:
