@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 import resource
 import shutil
@@ -94,6 +95,26 @@ def draft_difference(files: list[scan.SourceFile], image_size: int, count: int) 
     return {"images": len(diffs), "mean_abs_diff": float(np.mean(diffs)), "max_image_mean_abs_diff": float(np.max(diffs))}
 
 
+def _busy(_: int) -> int:
+    total = 0
+    for i in range(2_000_000):
+        total += i
+    return total
+
+
+def parallelism_available(workers: int) -> float:
+    """Speed-up of a pure CPU loop on `workers` processes: what the machine can give right now."""
+    start = time.perf_counter()
+    for i in range(2 * workers):
+        _busy(i)
+    serial = time.perf_counter() - start
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        start = time.perf_counter()
+        pool.map(_busy, range(2 * workers), chunksize=1)
+        parallel = time.perf_counter() - start
+    return serial / parallel
+
+
 def _row(name, workers, timing, naive_rate, one_worker_rate):
     seconds, count, cpu = timing
     best, median = min(seconds), statistics.median(seconds)
@@ -106,9 +127,11 @@ def _row(name, workers, timing, naive_rate, one_worker_rate):
             "vs_1_worker": round(rate / one_worker_rate, 2) if one_worker_rate else None}
 
 
-def _print_table(rows, draft, load):
+def _print_table(rows, draft, load, control):
     print(f"\nconverter benchmark, {rows[0]['images']} images, image_size={_IMAGE_SIZE.value}, "
           f"load average before: {load}")
+    print(f"control: a pure CPU loop speeds up {control['speedup']:.2f}x on {control['workers']} "
+          "processes right now (about the worker count on an idle machine)")
     header = (f"{'method':<22}{'workers':>8}{'best s':>9}{'median s':>10}{'img/s':>9}{'x naive':>9}"
               f"{'x 1 worker':>12}{'cpu ms/img':>12}")
     print(header)
@@ -143,10 +166,12 @@ def main(argv):
             if workers == 1:
                 one_rate = timing[1] / min(timing[0])
     draft = draft_difference(files, size, _DRAFT_IMAGES.value)
-    _print_table(rows, draft, load)
+    most = max(int(w) for w in _WORKERS.value)
+    control = {"workers": most, "speedup": round(parallelism_available(most), 2)}
+    _print_table(rows, draft, load, control)
     if _JSON.value:
         with open(_JSON.value, "w") as f:
-            json.dump({"rows": rows, "draft": draft, "load_average_before": load,
+            json.dump({"rows": rows, "draft": draft, "load_average_before": load, "control": control,
                        "input_dir": input_dir, "cpu_count": os.cpu_count()}, f, indent=2)
 
 

@@ -237,3 +237,25 @@ def test_progress_line_reports_rate_and_eta():
     now[0] = 102.0
     progress.advance(5)
     assert progress.line() == "converted: 5/10 images (50%), 2.5 images/s, ETA 00:00:02"
+
+
+def test_identical_files_are_reported_and_leaks_dropped_from_train(images, tmp_path):
+    train_file = sorted((images / "train" / "PNEUMONIA").glob("*.jpeg"))[0]
+    shutil.copy(train_file, images / "test" / "PNEUMONIA" / "person900_virus_1.jpeg")  # a leak
+    shutil.copy(train_file, images / "train" / "PNEUMONIA" / "person901_virus_1.jpeg")  # train twin
+    manifest = build.build_dataset(_config(images, tmp_path / "out"))
+    [leak] = manifest["duplicates"]["across_splits"]
+    assert leak["kept_in"] == "test" and leak["paths"]["test"] == ["test/PNEUMONIA/person900_virus_1.jpeg"]
+    assert {d["path"] for d in manifest["dropped_leaks"]} == {
+        f"train/PNEUMONIA/{train_file.name}", "train/PNEUMONIA/person901_virus_1.jpeg"}
+    names = {r["filename"].decode() for s in manifest["splits"] for r in _records(tmp_path / "out", s)}
+    assert "PNEUMONIA/person900_virus_1.jpeg" in names and "PNEUMONIA/person901_virus_1.jpeg" not in names
+
+
+def test_identical_files_in_one_split_are_kept_and_reported(images, tmp_path):
+    train_file = sorted((images / "train" / "NORMAL").glob("*.jpeg"))[0]
+    shutil.copy(train_file, images / "train" / "NORMAL" / "IM-9999-0001.jpeg")
+    manifest = build.build_dataset(_config(images, tmp_path / "out"))
+    [group] = manifest["duplicates"]["within_split"]
+    assert group["paths"] == sorted([f"train/NORMAL/{train_file.name}", "train/NORMAL/IM-9999-0001.jpeg"])
+    assert manifest["dropped_leaks"] == []

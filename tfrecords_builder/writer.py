@@ -127,8 +127,22 @@ class WorkerPool:
 
 
 def hash_sources(pool: WorkerPool, paths: list[str]) -> dict[str, str | None]:
-    """sha256 of every source file (None for empty or unreadable), computed in the workers."""
-    return dict(pool.imap_unordered(worker.hash_file, paths))
+    """sha256 of every file that could have a byte-identical twin; None for all others.
+
+    Only files of equal size can be identical, so only those are read before conversion (the
+    workers hash every file again while converting it). Empty and unreadable files get None.
+    """
+    sizes: dict[str, int] = {}
+    for path in paths:
+        try:
+            sizes[path] = os.stat(path).st_size
+        except OSError:
+            continue  # unreadable: reported when its conversion fails
+    same_size = collections.Counter(sizes.values())
+    candidates = [p for p, size in sizes.items() if size > 0 and same_size[size] > 1]
+    hashes: dict[str, str | None] = dict.fromkeys(paths)
+    hashes.update(pool.imap_unordered(worker.hash_file, candidates))
+    return hashes
 
 
 @dataclasses.dataclass
