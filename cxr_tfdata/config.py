@@ -109,11 +109,16 @@ class ModelConfig:
     fine_tune_at: str = "conv5_block1"
     dropout_rate: float = 0.1
     train_base: bool = False
+    # With train_base, the base BN layers' moving-average momentum (Keras: 0.99). A few hundred steps
+    # from scratch leave 0.99 averages far from the batch statistics, so inference-mode validation
+    # predicts one class; 0.9 tracks them within ~30 steps.
+    scratch_batch_norm_momentum: float = 0.9
 
     def __post_init__(self):
         _require(bool(self.weights), "weights", f"must be one of {WEIGHTS_CHOICES} or a file path")
         _require(bool(self.fine_tune_at), "fine_tune_at", "must name a ResNet50V2 layer, e.g. conv5_block1")
         _require(0.0 <= self.dropout_rate < 1.0, "dropout_rate", f"must be in [0, 1), got {self.dropout_rate}")
+        _require(0.0 < self.scratch_batch_norm_momentum < 1.0, "scratch_batch_norm_momentum", f"must be in (0, 1), got {self.scratch_batch_norm_momentum}")
 
     @property
     def weights_path(self) -> str | None:

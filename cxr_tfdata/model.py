@@ -137,6 +137,10 @@ def build_model(
         x = _augmentation_layer(augment, seed)(x)
     x = ToResNetInput(name="to_resnet_input")(x)
     base = build_base(image_size, model_config)
+    if model_config.train_base:
+        for layer in base.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = model_config.scratch_batch_norm_momentum
     # Frozen/finetune: base BN in inference mode always (see module docstring); from scratch: follow fit.
     x = base(x, training=None if model_config.train_base else False)
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)

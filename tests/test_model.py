@@ -83,6 +83,8 @@ def test_train_base_makes_every_layer_trainable():
     model_lib.configure_trainable(model, "frozen", config)
     base = model.get_layer(model_lib.BASE_NAME)
     assert all(layer.trainable for layer in base.layers)
+    base_bn = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert base_bn and all(layer.momentum == config.scratch_batch_norm_momentum for layer in base_bn)
     assert len(base.trainable_weights) == len(base.weights) - 2 * sum(
         isinstance(layer, keras.layers.BatchNormalization) for layer in base.layers)  # moving stats
 

@@ -53,6 +53,9 @@ _FINE_TUNE_AT = flags.DEFINE_string(
     "First ResNet50V2 layer (name or block prefix) unfrozen in the finetune stage; the default is the start "
     "of the last stage (conv5), the most task-specific features, ~15M of 23.6M base weights.")
 _DROPOUT = flags.DEFINE_float("dropout_rate", _MODEL.dropout_rate, "Dropout before the sigmoid output.")
+_SCRATCH_BN_MOMENTUM = flags.DEFINE_float(
+    "scratch_batch_norm_momentum", _MODEL.scratch_batch_norm_momentum,
+    "With --train_base: momentum of the base BN moving averages (Keras' 0.99 lags in short runs).")
 _TRAIN_BASE = flags.DEFINE_bool(
     "train_base", False, "Train every layer in every stage, base BN included (from scratch with --weights=none).")
 
@@ -116,7 +119,7 @@ def config_from_flags() -> config_lib.TrainConfig:
     )
     model = config_lib.ModelConfig(
         weights=_WEIGHTS.value, fine_tune_at=_FINE_TUNE_AT.value, dropout_rate=_DROPOUT.value,
-        train_base=_TRAIN_BASE.value,
+        train_base=_TRAIN_BASE.value, scratch_batch_norm_momentum=_SCRATCH_BN_MOMENTUM.value,
     )
     return config_lib.TrainConfig(
         model_dir=_MODEL_DIR.value or "", data=data, augment=augment, model=model,
