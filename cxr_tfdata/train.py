@@ -46,6 +46,7 @@ FINAL_MODEL_FILE = "final.keras"
 MONITOR = "val_loss"
 # Settings a run may be restarted with a different value of.
 RESTARTABLE_WITH_OTHER = {"stage"}
+TEMPORARY_PREFIX = ".tmp-"
 
 
 class ConfigMismatchError(ValueError):
@@ -77,7 +78,7 @@ def stage_paths(model_dir: str, stage: str) -> StagePaths:
 
 def _temporary_path(path: str, suffix: str = "") -> str:
     directory, name = os.path.split(path)
-    return os.path.join(directory, f".tmp-{os.getpid()}-{name}{suffix}")
+    return os.path.join(directory, f"{TEMPORARY_PREFIX}{os.getpid()}-{name}{suffix}")
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -143,7 +144,16 @@ def prepare_model_dir(config: TrainConfig, overwrite: bool = False) -> None:
     if overwrite:
         shutil.rmtree(os.path.join(config.model_dir, "checkpoints"))
         os.makedirs(os.path.join(config.model_dir, "checkpoints"))
+    _remove_partial_files(config.model_dir)
     write_json_atomic(path, wanted)
+
+
+def _remove_partial_files(model_dir: str) -> None:
+    """Temporary files a killed run left behind (their complete versions were never renamed in)."""
+    for directory in (model_dir, os.path.join(model_dir, "checkpoints")):
+        for name in os.listdir(directory):
+            if name.startswith(TEMPORARY_PREFIX):
+                os.remove(os.path.join(directory, name))
 
 
 def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:

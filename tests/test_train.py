@@ -137,8 +137,10 @@ def test_frozen_stage_learns_and_writes_its_outputs(frozen_run):
 def test_finetune_stage_starts_from_frozen_best_and_learns(frozen_run, data_dir):
     model_dir, config, _, _ = frozen_run
     frozen_digest = _digest(model_dir / "frozen_best.keras")
-    # --stage=finetune later in the same model_dir continues the run (stage is not a setting that must match).
-    metrics = train.train_and_evaluate(dataclasses.replace(config, stage="finetune"))
+    frozen_history = _history(model_dir, "frozen")
+    # --stage=both later in the same model_dir continues the run: the completed frozen stage is not rerun.
+    metrics = train.train_and_evaluate(dataclasses.replace(config, stage="both"))
+    assert _history(model_dir, "frozen") == frozen_history
     losses = [float(row["loss"]) for row in _history(model_dir, "finetune")]
     assert len(losses) == 2 and losses[-1] < losses[0]
     assert _digest(model_dir / "frozen_best.keras") == frozen_digest
@@ -151,6 +153,9 @@ def test_finetune_stage_starts_from_frozen_best_and_learns(frozen_run, data_dir)
 
 def test_restart_with_different_settings_is_refused_naming_them(data_dir, tmp_path):
     train.prepare_model_dir(_config(data_dir, tmp_path))
+    (tmp_path / "checkpoints" / ".tmp-123-frozen_last.weights.h5").write_bytes(b"half")
+    train.prepare_model_dir(_config(data_dir, tmp_path))  # same settings: resumes
+    assert os.listdir(tmp_path / "checkpoints") == []  # a killed save's leftovers are gone
     changed = _config(data_dir, tmp_path, steps_per_epoch=3)
     with pytest.raises(train.ConfigMismatchError, match="steps_per_epoch"):
         train.prepare_model_dir(changed)

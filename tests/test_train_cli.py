@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -103,3 +105,32 @@ def test_bad_weights_file_fails_naming_it_before_any_output(data_dir, tmp_path):
     assert result.returncode == 1
     assert f"--weights={bad}" in result.stderr
     assert not model_dir.exists()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_last_completed_epoch(data_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    args = [f"--data_dir={data_dir}", f"--model_dir={model_dir}", "--weights=none", "--stage=frozen",
+            "--frozen_epochs=3", "--frozen_batch_size=8", "--augment=none", "--mixed_precision=mixed_bfloat16"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_HOME": str(tmp_path / "keras_home")}
+    state_path = model_dir / "checkpoints" / "frozen_state.json"
+    process = subprocess.Popen([sys.executable, "-m", "cxr_tfdata.cli.train", *args], cwd=REPO_ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (state_path.exists() and json.loads(state_path.read_text())["epochs_completed"] >= 1):
+            assert process.poll() is None, "training ended before it could be killed"
+            assert time.monotonic() < deadline, "no epoch completed in time"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGKILL)  # wherever it is: in epoch 2 or writing its files
+    finally:
+        process.wait()
+    committed = json.loads(state_path.read_text())
+    assert 1 <= committed["epochs_completed"] < 3
+    result = _run(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resuming stage frozen after epoch {committed['epochs_completed']}" in result.stderr
+    state = json.loads(state_path.read_text())
+    assert state["completed"] and [row["epoch"] for row in state["history"]] == [0, 1, 2]
+    assert state["best_val_loss"] <= committed["best_val_loss"]
+    assert (model_dir / "frozen_best.keras").is_file() and (model_dir / "final.keras").is_file()
