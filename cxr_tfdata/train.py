@@ -73,9 +73,6 @@ def stage_paths(model_dir: str, stage: str) -> StagePaths:
     )
 
 
-# ----------------------------------------------------------------------------- atomic writes
-
-
 def _temporary_path(path: str, suffix: str = "") -> str:
     directory, name = os.path.split(path)
     return os.path.join(directory, f"{TEMPORARY_PREFIX}{os.getpid()}-{name}{suffix}")
@@ -118,9 +115,6 @@ def _read_json(path: str) -> Any:
         return json.load(f)
 
 
-# ----------------------------------------------------------------------------- config.json
-
-
 def prepare_model_dir(config: TrainConfig, overwrite: bool = False) -> None:
     """Creates model_dir and writes config.json; an existing run with other settings is an error
     (except --stage: a frozen-only run may be continued with --stage=finetune).
@@ -161,9 +155,6 @@ def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
         keys = set(a) | set(b)
         return [k for key in keys for k in _differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
     return [] if a == b else [prefix.rstrip(".")]
-
-
-# ----------------------------------------------------------------------------- callbacks
 
 
 def initial_stage_state(stage: StageConfig) -> dict[str, Any]:
@@ -349,9 +340,6 @@ def _tensorboard(log_dir: str) -> list[keras.callbacks.Callback]:
     return [keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False, profile_batch=0)]
 
 
-# ----------------------------------------------------------------------------- data
-
-
 def _with_sample_weights(dataset: tf.data.Dataset, class_weights: dict[int, float]) -> tf.data.Dataset:
     """Class weights as per-example sample weights (works for distributed datasets too)."""
     table = tf.constant([class_weights[i] for i in range(len(class_weights))], tf.float32)
@@ -398,9 +386,6 @@ def make_datasets(config: TrainConfig, stage: StageConfig, strategy: tf.distribu
     return train, val, steps
 
 
-# ----------------------------------------------------------------------------- stages
-
-
 def compile_for_stage(model: keras.Model, stage: StageConfig, config: TrainConfig) -> None:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=stage.learning_rate),
@@ -437,13 +422,12 @@ def build_stage_model(config: TrainConfig, stage: StageConfig, state: dict[str, 
     model = _stage_architecture(config, stage)
     if stage.name == "finetune" and state["epochs_completed"] == 0:
         frozen_best = stage_paths(config.model_dir, "frozen").best_model
-        source = keras.saving.load_model(frozen_best, compile=False, safe_mode=True) if os.path.exists(
-            frozen_best) else None
-        if source is None:
+        if not os.path.exists(frozen_best):
             raise FileNotFoundError(
                 f"{frozen_best} not found: the finetune stage starts from the frozen stage's best "
                 f"model; run --stage=frozen (or --stage=both) with this --model_dir first"
             )
+        source = keras.saving.load_model(frozen_best, compile=False, safe_mode=True)
         model_lib.transfer_weights(source, model)
     compile_for_stage(model, stage, config)
     if state["epochs_completed"] > 0:
@@ -511,9 +495,6 @@ def _record_stage_metrics(model_dir: str, stage: str, metrics: dict[str, Any]) -
     all_metrics = _read_json(path) if os.path.exists(path) else {}
     all_metrics[stage] = metrics
     write_json_atomic(path, all_metrics)
-
-
-# ----------------------------------------------------------------------------- the run
 
 
 def _check_weights_before_data(config: TrainConfig) -> None:
