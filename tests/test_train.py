@@ -230,3 +230,19 @@ def test_per_epoch_decay_compounds_with_plateau_reductions():
     model.optimizer.learning_rate = 1e-4  # as ReduceLROnPlateau would set it
     decay.on_epoch_begin(1)
     assert float(model.optimizer.learning_rate) == pytest.approx(5e-5)
+
+
+@pytest.mark.slow
+def test_corrupt_train_shard_is_named(tmp_path):
+    data_dir = tmp_path / "records"
+    manifest = write_tiny_dataset(data_dir, {"train": (8, 8), "val": (2, 2)}, image_size=IMAGE_SIZE)
+    shard = data_dir / manifest["splits"]["train"]["shard_files"][1]
+    payload = bytearray(shard.read_bytes())
+    middle = len(payload) // 2
+    payload[middle : middle + 16] = bytes(16)  # a record's bytes no longer match its CRC
+    shard.write_bytes(bytes(payload))
+    config = dataclasses.replace(_config(str(data_dir), tmp_path / "model"), steps_per_epoch=2)
+    # The pipeline's checked reader (an in-graph assert) or the trainer's DataLossError handler:
+    # either way the error names the shard.
+    with pytest.raises(Exception, match=shard.name):  # noqa: B017 -- the message is the point
+        train.train_and_evaluate(config)
