@@ -128,7 +128,6 @@ def test_strict_makes_a_bad_file_fatal_and_writes_nothing(images, tmp_path):
         (lambda d: (d / "train" / "COVID").mkdir(), "unknown class folder .*train/COVID"),
         (lambda d: (d / "extra").mkdir(), "unknown split folder .*extra"),
         (lambda d: shutil.rmtree(d / "test"), "missing split folder .*test"),
-        (lambda d: (d / "train" / "NORMAL" / "sub").mkdir(), "unexpected folder .*NORMAL/sub"),
     ],
 )
 def test_bad_layout_names_the_path_and_writes_nothing(images, tmp_path, damage, message):
@@ -136,6 +135,22 @@ def test_bad_layout_names_the_path_and_writes_nothing(images, tmp_path, damage, 
     with pytest.raises(scan.LayoutError, match=message):
         build.build_dataset(_config(images, tmp_path / "out"))
     assert sorted(os.listdir(tmp_path)) == ["images"]
+
+
+def test_images_in_subfolders_of_a_class_folder_are_read(images, tmp_path):
+    normal = images / "train" / "NORMAL"
+    (normal / "batch2" / ".hidden").mkdir(parents=True)
+    moved = sorted(normal.glob("*.jpeg"))[0]
+    shutil.move(str(moved), normal / "batch2" / moved.name)
+    shutil.copy(normal / "batch2" / moved.name, normal / "batch2" / ".hidden" / "IM-9999-0001.jpeg")
+    (normal / "batch2" / "notes.txt").write_text("not an image")
+    num_files = sum(1 for p in images.glob("*/*/*") if p.is_file()) + 1
+    manifest = build.build_dataset(_config(images, tmp_path / "out"))
+    assert sum(s["num_examples"] for s in manifest["splits"].values()) == num_files
+    assert manifest["skipped"] == [{"path": "train/NORMAL/batch2/notes.txt",
+                                    "reason": "not a recognised image format"}]
+    names = {r["filename"].decode() for s in manifest["splits"] for r in _records(tmp_path / "out", s)}
+    assert f"NORMAL/batch2/{moved.name}" in names
 
 
 def test_a_class_with_only_bad_files_is_an_error(images, tmp_path):

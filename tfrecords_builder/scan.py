@@ -1,8 +1,9 @@
 """Finds the source images in a Kaggle-layout folder and checks the layout before any work starts.
 
-Layout: <input_dir>/{train,test[,val]}/{NORMAL,PNEUMONIA}/<files>. Every regular file in a class
-folder is a candidate (a non-image is skipped later with its reason); anything else that does not
-fit the layout is an error naming the path, so a typo never silently drops a class.
+Layout: <input_dir>/{train,test[,val]}/{NORMAL,PNEUMONIA}/<files>. Every regular file under a
+class folder, subfolders included, is a candidate (a non-image is skipped later with its reason);
+anything else that does not fit the layout is an error naming the path, so a typo never silently
+drops a class.
 """
 
 from __future__ import annotations
@@ -42,6 +43,21 @@ def _list_dir(path: str) -> list[os.DirEntry]:
         return sorted((e for e in entries if not _is_hidden(e.name)), key=lambda e: e.name)
 
 
+def _walk_files(folder: str) -> list[str]:
+    """Every non-hidden regular file under folder, subfolders included, in sorted order.
+
+    Subfolders are read as Keras' flow_from_directory reads them (the notebook this replaces), so
+    an image filed one level too deep is still used, never silently lost nor fatal to the build.
+    """
+    found = []
+    for entry in _list_dir(folder):
+        if entry.is_dir(follow_symlinks=False):
+            found.extend(_walk_files(entry.path))
+        elif entry.is_file():  # sockets, broken symlinks: not files
+            found.append(entry.path)
+    return found
+
+
 def _scan_class_folder(split: str, split_dir: str, label: int, required: bool) -> list[SourceFile]:
     class_name = features.CLASS_NAMES[label]
     class_dir = os.path.join(split_dir, class_name)
@@ -50,14 +66,11 @@ def _scan_class_folder(split: str, split_dir: str, label: int, required: bool) -
     if not os.path.isdir(class_dir):
         raise LayoutError(f"missing class folder {class_dir} (expected {list(features.CLASS_NAMES)})")
     files = []
-    for entry in _list_dir(class_dir):
-        if entry.is_dir():
-            raise LayoutError(f"unexpected folder {entry.path}: class folders hold image files only")
-        if not entry.is_file():
-            continue  # sockets, broken symlinks: not files
-        patient_id, parsed = patients.patient_id_or_stem(entry.name)
-        files.append(SourceFile(os.path.abspath(entry.path), split, label,
-                                f"{class_name}/{entry.name}", patient_id, parsed))
+    for path in _walk_files(class_dir):
+        name = os.path.relpath(path, class_dir).replace(os.sep, "/")
+        patient_id, parsed = patients.patient_id_or_stem(name)
+        files.append(SourceFile(os.path.abspath(path), split, label,
+                                f"{class_name}/{name}", patient_id, parsed))
     if not files and required:
         raise LayoutError(f"empty class folder {class_dir}: no files")
     return files
