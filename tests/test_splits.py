@@ -1,6 +1,7 @@
 """Val carve-out invariants (patient grouping, stratification, seeds) and the split plan's leak handling."""
 
 import collections
+import dataclasses
 
 import pytest
 from hypothesis import given, settings
@@ -110,3 +111,26 @@ def test_plan_reports_but_keeps_leaks_without_drop_leaks():
     assert len(result.splits["train"]) == 9 and result.dropped_leaks == []
     assert len(result.duplicates["across_splits"]) == 1
     assert result.patients_in_several_given_splits == [{"patient_id": "person0", "splits": ["test", "train"]}]
+
+
+def test_plan_drops_train_and_val_images_of_a_patient_given_in_a_higher_split():
+    train = [_source("train", 1, f"person{i}_virus_1.jpeg") for i in range(6)]
+    train += [_source("train", 1, "person1_bacteria_7.jpeg"), _source("train", 1, "person2_virus_2.jpeg")]
+    val = [_source("val", 1, "person2_virus_5.jpeg"), _source("val", 0, "p8_n.jpeg")]
+    test = [_source("test", 1, "person1_virus_9.jpeg"), _source("test", 0, "p8_n2.jpeg")]
+    test[1] = dataclasses.replace(test[1], patient_id="p8")
+    hashes = {f.path: f.path for f in train + val + test}  # no identical bytes anywhere
+    result = plan.make_plan({"train": train, "val": val, "test": test}, hashes, "/in",
+                            plan.PlanOptions(min_val_images=1))
+    assert result.val_source == "given"
+    assert result.splits["test"] == sorted(test, key=lambda f: f.filename)  # test stays as given
+    homes = {}
+    for split, files in result.splits.items():
+        for f in files:
+            assert homes.setdefault(f.patient_id, split) == split, f"{f.patient_id} in two splits"
+    assert [d["path"] for d in result.dropped_leaks] == [
+        "train/PNEUMONIA/person1_bacteria_7.jpeg", "train/PNEUMONIA/person1_virus_1.jpeg",
+        "train/PNEUMONIA/person2_virus_1.jpeg", "train/PNEUMONIA/person2_virus_2.jpeg",
+        "val/NORMAL/p8_n.jpeg"]
+    assert result.dropped_leaks[-1]["reason"] == "patient p8 is in test: test/NORMAL/p8_n2.jpeg"
+    assert {"patient_id": "person1", "splits": ["test", "train"]} in result.patients_in_several_given_splits

@@ -23,8 +23,9 @@ _MIN_VAL_IMAGES = flags.DEFINE_integer("min_val_images", 100,
                                        "A given val/ folder with fewer images (Kaggle's has 16) is merged into "
                                        "train and val is carved out instead.")
 _DROP_LEAKS = flags.DEFINE_bool("drop_leaks", True,
-                                "Remove train/val copies of files byte-identical to a file in a higher split "
-                                "(test > val > train). Leaks are reported either way.")
+                                "Remove from train/val the files byte-identical to a file in a higher split "
+                                "(test > val > train), and the images of a patient who is also in a higher "
+                                "split. Leaks are reported either way.")
 _STRICT = flags.DEFINE_bool("strict", False, "Fail on the first corrupt or non-image file instead of skipping it.")
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 0, "Decode/resize/encode processes; 0: all cores.")
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", 0, "Shards per split; 0: from --target_shard_mb.")

@@ -1,9 +1,10 @@
 """Decides which source file goes to which output split before any image is decoded.
 
 Order of decisions: a given val/ smaller than min_val_images is merged into train; byte-identical
-copies across the given splits are leaks, reported and (drop_leaks) removed from the lower split
-(test > val > train), so test stays as given; then, when there is no usable val/, a patient-grouped
-stratified val split is carved from train. Nothing is ever moved out of test.
+copies across the given splits, and images of one patient in several given splits, are leaks,
+reported and (drop_leaks) removed from the lower split (test > val > train), so test stays as
+given; then, when there is no usable val/, a patient-grouped stratified val split is carved from
+train. Nothing is ever moved out of test.
 """
 
 from __future__ import annotations
@@ -86,6 +87,30 @@ def _drop_leaks(given, across, input_dir) -> list[dict[str, str]]:
     return [{"path": rel, "reason": reason} for rel, reason in sorted(to_drop.items())]
 
 
+def _drop_patient_leaks(given, input_dir) -> list[dict[str, str]]:
+    """Removes a patient's images from every given split but the highest-priority one holding them.
+
+    A patient seen in training and tested on is a leak even when no two files are identical.
+    """
+    home: dict[str, tuple[str, SourceFile]] = {}
+    for split in sorted(given, key=_SPLIT_PRIORITY.__getitem__, reverse=True):
+        for f in given[split]:
+            home.setdefault(f.patient_id, (split, f))
+    dropped = []
+    for split in given:
+        kept = []
+        for f in given[split]:
+            home_split, example = home[f.patient_id]
+            if home_split == split:
+                kept.append(f)
+            else:
+                dropped.append({"path": _relative(f.path, input_dir),
+                                "reason": f"patient {f.patient_id} is in {home_split}: "
+                                          f"{_relative(example.path, input_dir)}"})
+        given[split] = kept
+    return dropped
+
+
 def _patient_overlap(given) -> list[dict[str, Any]]:
     split_sets = collections.defaultdict(set)
     for split, files in given.items():
@@ -107,8 +132,11 @@ def make_plan(by_split, hashes: dict[str, str | None], input_dir: str, options: 
     """by_split from scan.scan_input; hashes maps a source path to its sha256 (None: unreadable)."""
     given, val_given = _given_splits(by_split, options.min_val_images)
     _, across = _find_duplicates(given, hashes, input_dir)
-    dropped = _drop_leaks(given, across, input_dir) if options.drop_leaks else []
     overlap = _patient_overlap(given)
+    dropped = []
+    if options.drop_leaks:
+        dropped = _drop_leaks(given, across, input_dir) + _drop_patient_leaks(given, input_dir)
+        dropped.sort(key=lambda d: d["path"])
     if val_given:
         val_source = "given"
     elif options.val_fraction > 0:
