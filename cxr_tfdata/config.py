@@ -113,11 +113,15 @@ class ModelConfig:
     # from scratch leave 0.99 averages far from the batch statistics, so inference-mode validation
     # predicts one class; 0.9 tracks them within ~30 steps.
     scratch_batch_norm_momentum: float = 0.9
+    # The finetune head's new BN starts at identity statistics; with Keras' 0.99 its moving averages
+    # would still be mostly that after an epoch, so validation would see a head unlike the trained one.
+    head_batch_norm_momentum: float = 0.9
 
     def __post_init__(self):
         _require(bool(self.weights), "weights", f"must be one of {WEIGHTS_CHOICES} or a file path")
         _require(bool(self.fine_tune_at), "fine_tune_at", "must name a ResNet50V2 layer, e.g. conv5_block1")
         _require(0.0 <= self.dropout_rate < 1.0, "dropout_rate", f"must be in [0, 1), got {self.dropout_rate}")
+        _require(0.0 < self.head_batch_norm_momentum < 1.0, "head_batch_norm_momentum", f"must be in (0, 1), got {self.head_batch_norm_momentum}")
         _require(0.0 < self.scratch_batch_norm_momentum < 1.0, "scratch_batch_norm_momentum", f"must be in (0, 1), got {self.scratch_batch_norm_momentum}")
 
     @property

@@ -145,7 +145,8 @@ def build_model(
     x = base(x, training=None if model_config.train_base else False)
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     if head_batch_norm:
-        x = keras.layers.BatchNormalization(name=HEAD_BATCH_NORM_NAME)(x)
+        x = keras.layers.BatchNormalization(
+            momentum=model_config.head_batch_norm_momentum, name=HEAD_BATCH_NORM_NAME)(x)
     x = keras.layers.Dropout(model_config.dropout_rate, name="dropout")(x)
     outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name=OUTPUT_NAME)(x)
     return keras.Model(inputs, outputs, name="cxr_resnet50v2")

@@ -56,7 +56,8 @@ def test_finetune_stage_trains_exactly_the_layers_from_fine_tune_at_without_batc
     assert all(not layer.trainable_weights for layer in layers[:start])
     base_bn = [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert base_bn and not any(layer.trainable for layer in base_bn)
-    assert model.get_layer(model_lib.HEAD_BATCH_NORM_NAME).trainable
+    head_bn = model.get_layer(model_lib.HEAD_BATCH_NORM_NAME)
+    assert head_bn.trainable and head_bn.momentum == config.head_batch_norm_momentum
     assert model.get_layer(model_lib.OUTPUT_NAME).trainable
 
 

@@ -52,7 +52,7 @@ def _config(data_dir, model_dir, stage="frozen", **overrides) -> TrainConfig:
         data=DataConfig(data_dir=data_dir, image_size=IMAGE_SIZE, seed=1),
         augment=AugmentConfig(placement="none"),
         model=ModelConfig(weights="none"),
-        frozen=StageConfig(name="frozen", batch_size=8, epochs=3, learning_rate=1e-2),
+        frozen=StageConfig(name="frozen", batch_size=8, epochs=3, learning_rate=1e-3),
         finetune=StageConfig(name="finetune", batch_size=8, epochs=2, learning_rate=1e-3,
                              lr_decay_per_epoch=0.9, early_stopping_patience=15, reduce_lr_patience=5),
         stage=stage,

@@ -56,6 +56,9 @@ _DROPOUT = flags.DEFINE_float("dropout_rate", _MODEL.dropout_rate, "Dropout befo
 _SCRATCH_BN_MOMENTUM = flags.DEFINE_float(
     "scratch_batch_norm_momentum", _MODEL.scratch_batch_norm_momentum,
     "With --train_base: momentum of the base BN moving averages (Keras' 0.99 lags in short runs).")
+_HEAD_BN_MOMENTUM = flags.DEFINE_float(
+    "head_batch_norm_momentum", _MODEL.head_batch_norm_momentum,
+    "Momentum of the finetune head's BatchNormalization moving averages.")
 _TRAIN_BASE = flags.DEFINE_bool(
     "train_base", False, "Train every layer in every stage, base BN included (from scratch with --weights=none).")
 
@@ -120,6 +123,7 @@ def config_from_flags() -> config_lib.TrainConfig:
     model = config_lib.ModelConfig(
         weights=_WEIGHTS.value, fine_tune_at=_FINE_TUNE_AT.value, dropout_rate=_DROPOUT.value,
         train_base=_TRAIN_BASE.value, scratch_batch_norm_momentum=_SCRATCH_BN_MOMENTUM.value,
+        head_batch_norm_momentum=_HEAD_BN_MOMENTUM.value,
     )
     return config_lib.TrainConfig(
         model_dir=_MODEL_DIR.value or "", data=data, augment=augment, model=model,
