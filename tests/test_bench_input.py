@@ -25,12 +25,15 @@ def dataset_dir(tmp_path_factory):
 
 @pytest.fixture
 def kaggle_folder(tmp_path):
-    """A Kaggle-layout folder of images for the ImageDataGenerator baseline."""
-    for label, name in enumerate(("NORMAL", "PNEUMONIA")):
-        (tmp_path / "images" / name).mkdir(parents=True)
-        for index in range(6):
-            (tmp_path / "images" / name / f"img{index}.png").write_bytes(
-                encode_png(labelled_image(label, index, SIZE)))
+    """The source folder of dataset_dir in Kaggle layout, plus bad files that the build skipped."""
+    for index in range(24):
+        label = 0 if index < 10 else 1
+        path = tmp_path / "images" / "train" / f"{('NORMAL', 'PNEUMONIA')[label]}/img{index:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode_png(labelled_image(label, index, SIZE)))
+    # Not in the records: a corrupt file would stop ImageDataGenerator if it were read.
+    (tmp_path / "images" / "train" / "NORMAL" / "corrupt.png").write_bytes(b"\x89PNG garbage")
+    (tmp_path / "images" / "train" / "PNEUMONIA" / "truncated.jpeg").write_bytes(b"\xff\xd8\xff\xe0")
     return tmp_path / "images"
 
 
@@ -73,3 +76,23 @@ def test_bad_configuration_names_are_rejected_naming_the_flag(name):
     with pytest.raises(ValueError, match="--configs"):
         bench_input.parse_configuration(name)
     assert bench_input.parse_configuration("cache=off,aug=device") == ("device", False)
+
+
+def test_baseline_reads_the_split_s_own_source_files_and_skips_what_the_build_skipped(
+        dataset_dir, kaggle_folder):
+    for folder in (kaggle_folder, kaggle_folder / "train"):
+        files = bench_input.split_source_files(str(dataset_dir), "train", str(folder))
+        assert len(files) == 24
+        assert not any("corrupt" in path or "truncated" in path for path, _ in files)
+        for path, class_name in files:
+            assert f"/{class_name}/img" in path
+    with pytest.raises(ValueError, match="--baseline_dir=.*none of the 24 source files"):
+        bench_input.split_source_files(str(dataset_dir), "train", str(kaggle_folder / "train" / "NORMAL"))
+
+
+def test_bench_help_lists_its_own_flags():
+    result = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['cxr-bench-input', '--help']; "
+                             "from cxr_tfdata.cli import bench_input; bench_input.run()"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    for flag in ("--data_dir", "--baseline_dir", "--json", "--configs"):
+        assert flag in result.stdout, result.stdout[-1000:]

@@ -18,7 +18,9 @@ import math
 import multiprocessing
 import os
 import resource
+import shutil
 import sys
+import tempfile
 import time
 
 from absl import app, flags
@@ -38,8 +40,9 @@ _BATCH_DTYPE = flags.DEFINE_enum("batch_dtype", "uint8", ["uint8", "float16", "b
                                  "Dtype of the delivered batches.")
 _BASELINE_DIR = flags.DEFINE_string(
     "baseline_dir", None,
-    "A Kaggle-layout folder (<dir>/NORMAL, <dir>/PNEUMONIA) to time ImageDataGenerator.flow_from_directory "
-    "over (needs the `baseline` extra: tf-keras, scipy).",
+    "The source images the dataset was built from (the Kaggle folder given to cxr-build-tfrecords, or one "
+    "of its split folders): ImageDataGenerator is timed over the same images as the timed split, found "
+    "there by the records' file names (needs the `baseline` extra: tf-keras, scipy).",
 )
 _BASELINE_BATCHES = flags.DEFINE_integer("baseline_batches", 10, "Batches timed for the baseline.", lower_bound=1)
 _JSON = flags.DEFINE_string("json", None, "Write {configuration: {images_per_second, peak_rss_mb}} here.")
@@ -108,26 +111,74 @@ def measure_pipeline(settings: dict) -> dict:
     return {"images_per_second": rate, "peak_rss_mb": _peak_rss_mb()}
 
 
+def split_source_files(data_dir: str, split: str, baseline_dir: str) -> list[tuple[str, str]]:
+    """(source path, class name) of each record of the split, found under baseline_dir.
+
+    Records name their source relative to its split folder ("PNEUMONIA/x.jpeg"); the split folder
+    is looked up in the Kaggle layout (val may have been carved from train). Only these files are
+    timed, so the baseline reads the images the pipeline reads and none that the build skipped
+    (a corrupt file would stop ImageDataGenerator).
+    """
+    import tensorflow as tf
+
+    from cxr_tfdata import features
+
+    manifest = features.read_manifest(data_dir)
+    spec = {key: features.PARSE_SPEC[key] for key in (features.FILENAME, features.LABEL)}
+    records = tf.data.TFRecordDataset(features.shard_paths(data_dir, manifest, split))
+    roots = [os.path.join(baseline_dir, folder) for folder in (split, "train", "val", "test")] + [baseline_dir]
+    found, missing = [], []
+    for record in records.map(lambda r: tf.io.parse_single_example(r, spec)).as_numpy_iterator():
+        name = record[features.FILENAME].decode()
+        path = next((os.path.join(r, name) for r in roots if os.path.isfile(os.path.join(r, name))), None)
+        if path is None:
+            missing.append(name)
+        else:
+            found.append((path, features.CLASS_NAMES[int(record[features.LABEL])]))
+    if not found:
+        raise ValueError(f"--baseline_dir={baseline_dir}: none of the {len(missing)} source files of split "
+                         f"{split!r} (e.g. {missing[:1]}) is there; pass the folder the dataset was built from")
+    if missing:
+        print(f"baseline: {len(missing)} of {len(missing) + len(found)} source files not found under "
+              f"{baseline_dir} (e.g. {missing[0]}); timing the {len(found)} found", flush=True)
+    return found
+
+
+def _link_class_folders(files: list[tuple[str, str]], folder: str) -> None:
+    """folder/<class>/<n>-<name> symlinks to the files, the layout flow_from_directory reads."""
+    from cxr_tfdata import features
+
+    for class_name in features.CLASS_NAMES:
+        os.makedirs(os.path.join(folder, class_name))
+    for index, (path, class_name) in enumerate(files):
+        os.symlink(os.path.abspath(path), os.path.join(folder, class_name, f"{index}-{os.path.basename(path)}"))
+
+
 def measure_baseline(settings: dict) -> dict:
-    """Images/s of the notebook's ImageDataGenerator.flow_from_directory over the same images."""
+    """Images/s of the notebook's ImageDataGenerator over the split's own source images."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         from tf_keras.preprocessing.image import ImageDataGenerator
     except ImportError as e:
         raise RuntimeError("--baseline_dir needs tf-keras and scipy: pip install 'cxr-tfdata[baseline]'") from e
+    from cxr_tfdata import features
     from cxr_tfdata.config import AugmentConfig
 
+    files = split_source_files(settings["data_dir"], settings["split"], settings["baseline_dir"])
     augment = AugmentConfig()
-    generator = ImageDataGenerator(
-        rescale=1.0 / 255, rotation_range=augment.rotation_range, zoom_range=augment.zoom_range,
-        width_shift_range=augment.width_shift_range, height_shift_range=augment.height_shift_range,
-    ).flow_from_directory(
-        settings["baseline_dir"], target_size=(settings["image_size"],) * 2, batch_size=settings["batch_size"],
-        class_mode="binary", color_mode="rgb", shuffle=True, seed=settings["seed"],
-    )
-    if generator.samples == 0:
-        raise ValueError(f"--baseline_dir={settings['baseline_dir']}: no images in class sub-folders")
-    rate = _time_batches(iter(generator), 1, settings["baseline_batches"], settings["batch_size"])
+    links = tempfile.mkdtemp(prefix="cxr-baseline-")
+    try:
+        _link_class_folders(files, links)
+        generator = ImageDataGenerator(
+            rescale=1.0 / 255, rotation_range=augment.rotation_range, zoom_range=augment.zoom_range,
+            width_shift_range=augment.width_shift_range, height_shift_range=augment.height_shift_range,
+        ).flow_from_directory(
+            links, classes=list(features.CLASS_NAMES), target_size=(settings["image_size"],) * 2, batch_size=settings["batch_size"],
+            class_mode="binary", color_mode="rgb", shuffle=True, seed=settings["seed"], follow_links=True,
+        )
+        rate = _time_batches(iter(generator), 1, settings["baseline_batches"], settings["batch_size"])
+    finally:
+        shutil.rmtree(links, ignore_errors=True)
     return {"images_per_second": rate, "peak_rss_mb": _peak_rss_mb()}
 
 
@@ -177,6 +228,9 @@ def main(argv):
 
 
 def run():
+    # --help lists this binary's own flags (absl's default shows only the __main__ module's).
+    for flag in flags.FLAGS.get_flags_for_module(__name__):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     app.run(main)
 
 
