@@ -23,6 +23,7 @@ from tfrecords_builder import imaging
 
 CSV_COLUMNS = ("path", "probability", "label", "error")
 RESIZE_MODES = ("squash", "pad")
+RECORD_ENCODINGS = ("jpeg", "png")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,10 @@ class PredictConfig:
     resize: str = "squash"
     threshold: float = 0.5
     batch_size: int = 32
+    # How the training records stored images (the converter's --encoding, --jpeg_quality): the same
+    # lossy round trip is applied here, so a source file meets the model as its record did.
+    record_encoding: str = "jpeg"
+    jpeg_quality: int = 95
 
     def __post_init__(self):
         if not self.model_path:
@@ -48,6 +53,10 @@ class PredictConfig:
             raise ValueError(f"--threshold: must be in [0, 1], got {self.threshold}")
         if self.batch_size < 1:
             raise ValueError(f"--batch_size: must be >= 1, got {self.batch_size}")
+        if self.record_encoding not in RECORD_ENCODINGS:
+            raise ValueError(f"--record_encoding: must be one of {RECORD_ENCODINGS}, got {self.record_encoding!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"--jpeg_quality: must be in [1, 100], got {self.jpeg_quality}")
 
 
 @dataclasses.dataclass
@@ -59,17 +68,12 @@ class PredictionRow:
     pixels: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
 
-def _image_extensions() -> set[str]:
-    return {ext.lower() for ext in Image.registered_extensions()}
-
-
 def collect_image_paths(paths: list[str] | tuple[str, ...]) -> list[str]:
-    """Files as given, plus every image file under each folder (recursive, sorted).
+    """Files as given, plus every non-hidden file under each folder (recursive, sorted).
 
-    Inside folders only files with an extension PIL knows are taken (so a README does not become
-    an error row); files named explicitly are always taken, whatever their extension.
+    Every file is taken whatever its name: one that is not an image gets its reason on its row,
+    as the converter lists it as skipped, rather than vanishing from the output.
     """
-    extensions = _image_extensions()
     collected = []
     for path in paths:
         if not os.path.isdir(path):
@@ -79,26 +83,35 @@ def collect_image_paths(paths: list[str] | tuple[str, ...]) -> list[str]:
             dirs.sort()
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             collected.extend(
-                os.path.join(root, name) for name in sorted(files)
-                if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions
+                os.path.join(root, name) for name in sorted(files) if not name.startswith(".")
             )
     return collected
 
 
-def load_image(path: str, image_size: int, pad: bool) -> np.ndarray:
-    """The converter's decode and resize of one file: uint8 [S, S, 1]; ImageError/OSError on failure."""
+def load_image(path: str, image_size: int, pad: bool, record_encoding: str = "png",
+               jpeg_quality: int = 95) -> np.ndarray:
+    """The converter's decode and resize of one file, then its record encoding decoded as the input
+    pipeline decodes it: uint8 [S, S, 1], the pixels training saw. ImageError/OSError on failure.
+
+    "png" is lossless, so the converter's pixels are returned as they are.
+    """
     with open(path, "rb") as f:
         data = f.read()
     pixels, _ = imaging.decode_and_resize(data, image_size, pad=pad)
+    if record_encoding == "jpeg":
+        # TensorFlow's JPEG decoder, as in the input pipeline (PIL's differs by a few levels).
+        encoded = imaging.encode(pixels, "jpeg", jpeg_quality)
+        pixels = tf.io.decode_image(encoded, channels=1, expand_animations=False, dtype=tf.uint8).numpy()
     return pixels
 
 
-def _read_rows(paths: list[str], image_size: int, pad: bool) -> list[PredictionRow]:
+def _read_rows(paths: list[str], image_size: int, pad: bool, record_encoding: str,
+               jpeg_quality: int) -> list[PredictionRow]:
     rows = []
     for path in paths:
         row = PredictionRow(path=path)
         try:
-            row.pixels = load_image(path, image_size, pad)
+            row.pixels = load_image(path, image_size, pad, record_encoding, jpeg_quality)
         except imaging.ImageError as e:
             row.error = f"cannot read image: {e}"
         except OSError as e:
@@ -108,9 +121,10 @@ def _read_rows(paths: list[str], image_size: int, pad: bool) -> list[PredictionR
 
 
 def predict_rows(model: keras.Model, paths: list[str], image_size: int, pad: bool,
-                 threshold: float, batch_size: int) -> list[PredictionRow]:
+                 threshold: float, batch_size: int, record_encoding: str = "png",
+                 jpeg_quality: int = 95) -> list[PredictionRow]:
     """One row per path: probability and class name at `threshold`, or the reason it failed."""
-    rows = _read_rows(paths, image_size, pad)
+    rows = _read_rows(paths, image_size, pad, record_encoding, jpeg_quality)
     readable = [row for row in rows if row.pixels is not None]
     for start in range(0, len(readable), batch_size):
         batch = readable[start:start + batch_size]
@@ -235,7 +249,7 @@ def predict(config: PredictConfig, stream: io.TextIOBase) -> list[PredictionRow]
     if not paths:
         raise ValueError(f"no image files found in {list(config.paths)}")
     rows = predict_rows(model, paths, image_size, config.resize == "pad", config.threshold,
-                        config.batch_size)
+                        config.batch_size, config.record_encoding, config.jpeg_quality)
     if config.gradcam_dir:
         write_gradcams(model, rows, config.gradcam_dir, config.batch_size)
     if config.output_csv:

@@ -58,7 +58,7 @@ def test_predict_csv_reproduces_metrics_json(cli_evaluation, setup, tmp_path):
     csv_path = tmp_path / "predictions.csv"
     result = eval_fixtures.run_cli(
         "cxr_tfdata.cli.predict", f"--model={setup.model_path}", f"--output_csv={csv_path}",
-        f"--gradcam_dir={tmp_path / 'cams'}", str(tmp_path / "images"))
+        "--record_encoding=png", f"--gradcam_dir={tmp_path / 'cams'}", str(tmp_path / "images"))
     assert result.returncode == 0, result.stderr
     with open(csv_path, newline="") as f:
         rows = {row["path"]: row for row in csv.DictReader(f)}

@@ -59,6 +59,25 @@ def test_decode_and_resize_is_identity_at_model_size(tmp_path):
     np.testing.assert_array_equal(predict.load_image(str(path), 32, pad=False), pixels)
 
 
+def test_jpeg_records_round_trip_gives_the_pixels_the_pipeline_decodes(tmp_path):
+    import tensorflow as tf
+
+    from cxr_tfdata import input_pipeline
+    from tfrecords_builder import imaging
+
+    source = np.random.default_rng(1).integers(0, 255, (61, 47), dtype=np.uint8)
+    path = tmp_path / "source.png"
+    Image.fromarray(source, "L").save(path)
+    record = imaging.convert(path.read_bytes(), imaging.EncodeOptions(32, encoding="jpeg", jpeg_quality=90))
+    seen_in_training = input_pipeline.decode_image(tf.constant(record.encoded), tf.constant("x"), 32).numpy()
+    loaded = predict.load_image(str(path), 32, pad=False, record_encoding="jpeg", jpeg_quality=90)
+    np.testing.assert_array_equal(loaded, seen_in_training)
+    assert not np.array_equal(predict.load_image(str(path), 32, pad=False, record_encoding="png"), loaded)
+    assert predict.PredictConfig(model_path="m.keras", paths=("x",)).record_encoding == "jpeg"
+    with pytest.raises(ValueError, match="--record_encoding"):
+        predict.PredictConfig(model_path="m.keras", paths=("x",), record_encoding="webp")
+
+
 def test_any_size_and_format(model, tmp_path):
     rgb = np.random.default_rng(0).integers(0, 255, (90, 70, 3), dtype=np.uint8)
     Image.fromarray(rgb, "RGB").save(tmp_path / "colour.jpg", quality=90)
@@ -75,7 +94,8 @@ def test_bad_files_reported_and_rest_go_on(setup, tmp_path):
     good.write_bytes(helpers.encode_png(helpers.labelled_image(0, 1, 32)))
     encoded = helpers.encode_png(helpers.labelled_image(1, 2, 32))
     (tmp_path / "in" / "corrupt.png").write_bytes(encoded[: len(encoded) // 2])  # truncated
-    (tmp_path / "in" / "notes.txt").write_text("not an image, and not picked from a folder")
+    (tmp_path / "in" / "notes.txt").write_text("not an image: reported on its row, not dropped")
+    (tmp_path / "in" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")  # hidden: not an input
     (tmp_path / "empty.jpg").write_bytes(b"")
     config = predict.PredictConfig(
         model_path=str(setup.model_path),
@@ -87,7 +107,8 @@ def test_bad_files_reported_and_rest_go_on(setup, tmp_path):
         rows = {row["path"]: row for row in csv.DictReader(f)}
     assert list(next(iter(rows.values())).keys()) == list(predict.CSV_COLUMNS)
     assert set(rows) == {str(tmp_path / "in" / "corrupt.png"), str(good), str(tmp_path / "empty.jpg"),
-                         str(tmp_path / "missing.png")}
+                         str(tmp_path / "missing.png"), str(tmp_path / "in" / "notes.txt")}
+    assert "not a recognised image" in rows[str(tmp_path / "in" / "notes.txt")]["error"]
     assert rows[str(good)]["error"] == "" and 0.0 <= float(rows[str(good)]["probability"]) <= 1.0
     assert rows[str(good)]["label"] in ("NORMAL", "PNEUMONIA")
     assert "truncated" in rows[str(tmp_path / "in" / "corrupt.png")]["error"]

@@ -19,6 +19,11 @@ _RESIZE = flags.DEFINE_enum(
     "resize", "squash", ["squash", "pad"],
     "squash: stretch to a square (the converter's default); pad: keep the aspect ratio on black. "
     "Use what the training records were built with.")
+_RECORD_ENCODING = flags.DEFINE_enum(
+    "record_encoding", "jpeg", ["jpeg", "png"],
+    "How the training records stored images (cxr-build-tfrecords --encoding): with jpeg each image "
+    "goes through the same JPEG round trip, so a source file gets the probability its record gets.")
+_JPEG_QUALITY = flags.DEFINE_integer("jpeg_quality", 95, "cxr-build-tfrecords --jpeg_quality of the records.")
 _THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Probability at or above which the label is PNEUMONIA.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per inference batch.")
 
@@ -35,6 +40,8 @@ def main(argv):
             resize=_RESIZE.value,
             threshold=_THRESHOLD.value,
             batch_size=_BATCH_SIZE.value,
+            record_encoding=_RECORD_ENCODING.value,
+            jpeg_quality=_JPEG_QUALITY.value,
         )
         rows = predict.predict(config, sys.stdout)
     except (ValueError, OSError) as e:
