@@ -57,6 +57,9 @@ def main(argv):
 
 
 def run():
+    # --help lists this binary's own flags (absl's default shows only the __main__ module's).
+    for flag in flags.FLAGS.get_flags_for_module(__name__):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     app.run(main)
 
 
