@@ -6,6 +6,7 @@ import sys
 
 from absl import app, flags, logging
 
+from cxr_tfdata.cli import run_main
 from tfrecords_builder import build, scan, verify, writer
 
 _INPUT_DIR = flags.DEFINE_string("input_dir", None, "Folder with {train,test[,val]}/{NORMAL,PNEUMONIA}/*.")
@@ -59,10 +60,7 @@ def main(argv):
 
 
 def run():
-    # --help describes the flags of the script being run; make this module's flags those.
-    for flag in flags.FLAGS.get_flags_for_module(__name__):
-        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-    app.run(main)
+    run_main(main, __name__)
 
 
 if __name__ == "__main__":

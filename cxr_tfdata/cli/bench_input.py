@@ -25,6 +25,8 @@ import time
 
 from absl import app, flags
 
+from cxr_tfdata.cli import run_main
+
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Dataset directory written by cxr-build-tfrecords.")
 _SPLIT = flags.DEFINE_string("split", "train", "Split to read.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Images per batch.", lower_bound=1)
@@ -228,10 +230,7 @@ def main(argv):
 
 
 def run():
-    # --help lists this binary's own flags (absl's default shows only the __main__ module's).
-    for flag in flags.FLAGS.get_flags_for_module(__name__):
-        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-    app.run(main)
+    run_main(main, __name__)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import sys
 
 from absl import app, flags
 
+from cxr_tfdata.cli import run_main
+
 _MODEL = flags.DEFINE_string("model", None, "Trained model (.keras); loaded in Keras safe mode.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "SavedModel directory to write (renamed into place when complete).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output_dir.")
@@ -31,10 +33,7 @@ def main(argv):
 
 
 def run():
-    # --help lists this binary's own flags (absl's default shows only the __main__ module's).
-    for flag in flags.FLAGS.get_flags_for_module(__name__):
-        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-    app.run(main)
+    run_main(main, __name__)
 
 
 if __name__ == "__main__":

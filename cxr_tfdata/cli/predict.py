@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
+
+from cxr_tfdata.cli import run_main
 
 _MODEL = flags.DEFINE_string("model", None, "Trained model (.keras); loaded in Keras safe mode.")
 _OUTPUT_CSV = flags.DEFINE_string("output_csv", None, "Write the CSV here instead of stdout.")
@@ -57,10 +59,7 @@ def main(argv):
 
 
 def run():
-    # --help lists this binary's own flags (absl's default shows only the __main__ module's).
-    for flag in flags.FLAGS.get_flags_for_module(__name__):
-        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-    app.run(main)
+    run_main(main, __name__)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import sys
 from absl import app, flags, logging
 
 from cxr_tfdata import config as config_lib
+from cxr_tfdata.cli import run_main
 
 _FROZEN = config_lib.StageConfig()
 _FINETUNE = config_lib.default_finetune_stage()
@@ -158,7 +159,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    run_main(main, __name__)
 
 
 if __name__ == "__main__":
