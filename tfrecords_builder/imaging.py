@@ -10,7 +10,6 @@ target size), which skips most of the decode work for 2000+ px radiographs.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 
 import numpy as np
@@ -51,7 +50,6 @@ class ConvertedImage:
     """One source image after decode, resize and encode."""
 
     encoded: bytes
-    sha256: str  # of the source bytes, for duplicate detection
     original_height: int
     original_width: int
 
@@ -173,11 +171,10 @@ def decode_encoded(encoded: bytes) -> np.ndarray:
 
 
 def convert(data: bytes, options: EncodeOptions) -> ConvertedImage:
-    """The whole per-image job: hash, decode, orient, grayscale, resize, encode."""
+    """The whole per-image job: decode, orient, grayscale, resize, encode."""
     pixels, (height, width) = decode_and_resize(data, options.image_size, options.pad)
     return ConvertedImage(
         encoded=encode(pixels, options.encoding, options.jpeg_quality),
-        sha256=hashlib.sha256(data).hexdigest(),
         original_height=height,
         original_width=width,
     )

@@ -211,7 +211,8 @@ class CxrTfrecords(tfds.core.GeneratorBasedBuilder):
         """
         all_files = [f for files in self._split_files.values() for f in files]
         if self._results is None:
-            tasks = [(i, f.path, self._options) for i, f in enumerate(all_files)]
+            tasks = [(i, f.path, self._options, self._source_hashes.get(f.path))
+                     for i, f in enumerate(all_files)]
             self._results = self._pool.imap(worker.convert_file, tasks)
         for source in self._split_files[split]:
             index, converted, reason = next(self._results)
@@ -226,10 +227,6 @@ class CxrTfrecords(tfds.core.GeneratorBasedBuilder):
         for source, converted, reason in self._converted(split):
             self._progress.advance()
             rel_path = os.path.relpath(source.path, self._input_dir)
-            planned_hash = self._source_hashes.get(source.path)
-            if converted is not None and planned_hash and converted.sha256 != planned_hash:
-                # The split plan and duplicate report were made from other bytes.
-                converted, reason = None, "file changed while the dataset was being built"
             if converted is None:
                 if self._strict:
                     raise BuildError(f"{source.path}: {reason} (--strict makes bad images fatal)")
