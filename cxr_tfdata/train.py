@@ -350,9 +350,28 @@ def _with_sample_weights(dataset: tf.data.Dataset, class_weights: dict[int, floa
     return dataset.map(add_weights, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def train_class_weights(config: TrainConfig, class_counts: dict[str, int]) -> dict[int, float] | None:
+    """The loss weights that correct the train split's class imbalance, or None with balanced sampling.
+
+    Balanced sampling already draws both classes equally; weighting the loss as well would
+    correct the imbalance twice and bias the model towards the rarer class.
+    """
+    if config.data.balanced_sampling:
+        logging.info("Class imbalance corrected by balanced sampling (train counts %s); no class weights",
+                     class_counts)
+        return None
+    class_weights = input_pipeline.class_weights_from_counts(class_counts)
+    logging.info("Class imbalance corrected by class weights %s from train counts %s", class_weights,
+                 class_counts)
+    return class_weights
+
+
 def make_datasets(config: TrainConfig, stage: StageConfig, strategy: tf.distribute.Strategy,
-                  class_weights: dict[int, float]):
-    """(distributed train dataset repeating forever, val dataset, steps per epoch)."""
+                  class_weights: dict[int, float] | None):
+    """(distributed train dataset repeating forever, val dataset, steps per epoch).
+
+    With class_weights the train batches carry them as per-example sample weights.
+    """
     replicas = strategy.num_replicas_in_sync
     global_batch = stage.batch_size * replicas
     num_train = input_pipeline.split_num_examples(config.data.data_dir, "train")
@@ -372,7 +391,7 @@ def make_datasets(config: TrainConfig, stage: StageConfig, strategy: tf.distribu
             config.data, "train", per_replica, training=True, augment=augment,
             input_context=input_context, repeat=True,
         )
-        return _with_sample_weights(dataset, class_weights)
+        return dataset if class_weights is None else _with_sample_weights(dataset, class_weights)
 
     train = strategy.distribute_datasets_from_function(train_fn)
     # Val keeps its last partial batch; Keras splits each global batch over the replicas itself.
@@ -457,7 +476,7 @@ def _fit(model, train, val, steps, stage, state, callbacks, config):
 
 
 def run_stage(config: TrainConfig, stage: StageConfig, strategy: tf.distribute.Strategy,
-              class_weights: dict[int, float], extra_callbacks=()) -> dict[str, float]:
+              class_weights: dict[int, float] | None, extra_callbacks=()) -> dict[str, float]:
     """Trains one stage to completion (or resumes it) and returns its best model's val metrics."""
     paths = stage_paths(config.model_dir, stage.name)
     state = _read_json(paths.state) if os.path.exists(paths.state) else initial_stage_state(stage)
@@ -527,8 +546,7 @@ def train_and_evaluate(config: TrainConfig, overwrite: bool = False,
     precision_lib.set_precision_policy(config.mixed_precision)
     strategy = precision_lib.choose_strategy(config.distribution)
     counts = features.split_info(manifest, "train", config.data.data_dir)["class_counts"]
-    class_weights = input_pipeline.class_weights_from_counts(counts)
-    logging.info("Class weights %s from train counts %s", class_weights, counts)
+    class_weights = train_class_weights(config, counts)
     results = {}
     for name in config.stages:
         stage = config.frozen if name == "frozen" else config.finetune

@@ -11,6 +11,7 @@ import os
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from cxr_tfdata import train
 from cxr_tfdata.config import AugmentConfig, DataConfig, ModelConfig, StageConfig, TrainConfig
@@ -168,6 +169,22 @@ def test_image_size_other_than_the_datasets_names_the_flag(data_dir, tmp_path):
     with pytest.raises(ValueError, match="--image_size=64"):
         train.train_and_evaluate(config)
     assert not (tmp_path / "config.json").exists()
+
+
+def test_balanced_sampling_replaces_class_weights_instead_of_adding_to_them(data_dir, tmp_path, caplog):
+    counts = {"NORMAL": 4, "PNEUMONIA": 12}
+    weighted = _config(data_dir, tmp_path)
+    assert train.train_class_weights(weighted, counts) == pytest.approx({0: 2.0, 1: 2 / 3})
+    balanced = dataclasses.replace(weighted, data=dataclasses.replace(weighted.data, balanced_sampling=True))
+    with caplog.at_level("INFO"):
+        assert train.train_class_weights(balanced, counts) is None
+    assert "balanced sampling" in caplog.text
+    strategy = tf.distribute.get_strategy()
+    train_batches, _, _ = train.make_datasets(balanced, balanced.frozen, strategy, None)
+    assert len(next(iter(train_batches))) == 2  # images and labels: no sample weights
+    train_batches, _, _ = train.make_datasets(weighted, weighted.frozen, strategy, {0: 2.0, 1: 0.5})
+    _, labels, weights = next(iter(train_batches))
+    np.testing.assert_allclose(weights.numpy(), np.where(labels.numpy() == 1, 0.5, 2.0))
 
 
 def _tiny_compiled_model():

@@ -84,7 +84,7 @@ _FILL_MODE = flags.DEFINE_enum("fill_mode", _AUGMENT.fill_mode, list(config_lib.
 _CACHE = flags.DEFINE_enum("cache", _DATA_DEFAULTS.cache, list(config_lib.CACHE_MODES), "Cache of decoded images.")
 _CACHE_DIR = flags.DEFINE_string("cache_dir", "", "Directory of the cache files with --cache=file.")
 _SHUFFLE_BUFFER = flags.DEFINE_integer("shuffle_buffer", _DATA_DEFAULTS.shuffle_buffer, "Examples in the shuffle buffer.")
-_BALANCED = flags.DEFINE_bool("balanced_sampling", False, "Sample classes equally (class weights still apply).")
+_BALANCED = flags.DEFINE_bool("balanced_sampling", False, "Sample classes equally instead of weighting the loss by class (one correction, not both).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of initialization, shuffling and augmentation.")
 _DETERMINISTIC = flags.DEFINE_bool("deterministic", False, "Deterministic input order and TF ops (slower).")
 
