@@ -115,15 +115,46 @@ def _read_json(path: str) -> Any:
         return json.load(f)
 
 
+def run_output_paths(model_dir: str) -> tuple[list[str], list[str]]:
+    """(files, directories) a run writes in model_dir, as listed in the module docstring.
+
+    Resume state first and config.json last: deleting them in this order, a kill part way leaves
+    no state that would resume from a deleted model, and config.json still guards the rest.
+    """
+    stages = [stage_paths(model_dir, stage) for stage in model_lib.STAGES]
+    files = [path for paths in stages for path in (paths.state, paths.last_weights)]
+    files += [path for paths in stages for path in (paths.best_model, paths.history_csv)]
+    files += [os.path.join(model_dir, name) for name in (FINAL_MODEL_FILE, METRICS_FILE, CONFIG_FILE)]
+    return files, [paths.log_dir for paths in stages]
+
+
+def _remove_run_outputs(model_dir: str) -> None:
+    """Deletes an earlier run's outputs, and only those: other files in model_dir are the user's."""
+    files, directories = run_output_paths(model_dir)
+    for path in files:
+        if os.path.lexists(path):
+            os.remove(path)
+    for path in directories:
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+    logs = os.path.join(model_dir, "logs")
+    if os.path.isdir(logs) and not os.listdir(logs):
+        os.rmdir(logs)
+    logging.info("--overwrite: removed the earlier run's outputs in %s", model_dir)
+
+
 def prepare_model_dir(config: TrainConfig, overwrite: bool = False) -> None:
     """Creates model_dir and writes config.json; an existing run with other settings is an error
-    (except --stage: a frozen-only run may be continued with --stage=finetune).
+    (except RESTARTABLE_WITH_OTHER: e.g. a frozen-only run may be continued with --stage=finetune).
 
-    overwrite=True discards the earlier run's checkpoints and state (the .keras files are
-    overwritten as the new run produces them) and starts from epoch 0.
+    overwrite=True deletes every output of the earlier run (models, metrics, histories, logs,
+    checkpoints and state; see the module docstring) before config.json is rewritten, so the new
+    run starts afresh: a later stage cannot start from the old run's models.
     """
-    os.makedirs(os.path.join(config.model_dir, "checkpoints"), exist_ok=True)
     path = os.path.join(config.model_dir, CONFIG_FILE)
+    if overwrite and os.path.isdir(config.model_dir):
+        _remove_run_outputs(config.model_dir)
+    os.makedirs(os.path.join(config.model_dir, "checkpoints"), exist_ok=True)
     wanted = json.loads(json.dumps(to_dict(config)))
     if os.path.exists(path) and not overwrite:
         existing = _read_json(path)
@@ -135,9 +166,6 @@ def prepare_model_dir(config: TrainConfig, overwrite: bool = False) -> None:
                 f"({', '.join(differing)}; see {path}). Restart with the same flags to resume, use "
                 f"another --model_dir, or pass --overwrite to discard that run."
             )
-    if overwrite:
-        shutil.rmtree(os.path.join(config.model_dir, "checkpoints"))
-        os.makedirs(os.path.join(config.model_dir, "checkpoints"))
     _remove_partial_files(config.model_dir)
     write_json_atomic(path, wanted)
 

@@ -164,6 +164,37 @@ def test_restart_with_different_settings_is_refused_naming_them(data_dir, tmp_pa
     assert json.loads((tmp_path / "config.json").read_text())["steps_per_epoch"] == 3
 
 
+def test_overwrite_removes_every_output_of_the_earlier_run_and_nothing_else(data_dir, tmp_path):
+    train.prepare_model_dir(_config(data_dir, tmp_path))
+    files, directories = train.run_output_paths(str(tmp_path))
+    for path in files:
+        with open(path, "w") as f:
+            f.write("stale")
+    for path in directories:
+        os.makedirs(path)
+        with open(os.path.join(path, "events.out.tfevents"), "w") as f:
+            f.write("stale")
+    (tmp_path / "notes.txt").write_text("the user's")
+    (tmp_path / "checkpoints" / "mine.txt").write_text("the user's")
+    train.prepare_model_dir(_config(data_dir, tmp_path), overwrite=True)
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == ["checkpoints/mine.txt", "config.json", "notes.txt"]
+    assert not (tmp_path / "logs").exists()
+    assert json.loads((tmp_path / "config.json").read_text())["stage"] == "frozen"
+    for name in ("frozen_best.keras", "finetune_best.keras", "final.keras", "metrics.json",
+                 "history_frozen.csv", "history_finetune.csv", "checkpoints/frozen_state.json",
+                 "checkpoints/finetune_last.weights.h5"):
+        assert os.path.join(str(tmp_path), name) in files, name
+
+
+def test_finetune_after_overwrite_does_not_start_from_the_old_runs_frozen_model(data_dir, tmp_path):
+    stale = tmp_path / "frozen_best.keras"
+    stale.write_bytes(b"a model of the discarded run")
+    with pytest.raises(FileNotFoundError, match="frozen_best.keras not found.*--stage=frozen"):
+        train.train_and_evaluate(_config(data_dir, tmp_path, stage="finetune"), overwrite=True)
+    assert not stale.exists()
+
+
 def test_image_size_other_than_the_datasets_names_the_flag(data_dir, tmp_path):
     config = dataclasses.replace(_config(data_dir, tmp_path), data=DataConfig(data_dir=data_dir, image_size=64))
     with pytest.raises(ValueError, match="--image_size=64"):

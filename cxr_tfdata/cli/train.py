@@ -23,7 +23,9 @@ _STAGE = flags.DEFINE_enum("stage", "both", list(config_lib.STAGES),
                            "frozen: head only; finetune: from frozen_best.keras in --model_dir; both.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Image side in pixels; default: the dataset's.")
 _OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Discard an earlier run in --model_dir (its checkpoints) instead of resuming it.")
+    "overwrite", False,
+    "Delete the earlier run's outputs in --model_dir (models, metrics, histories, logs, checkpoints; "
+    "no other files) and start afresh instead of resuming it.")
 
 _FROZEN_BATCH_SIZE = flags.DEFINE_integer("frozen_batch_size", _FROZEN.batch_size, "Per-replica batch, frozen stage.")
 _FINETUNE_BATCH_SIZE = flags.DEFINE_integer("finetune_batch_size", _FINETUNE.batch_size, "Per-replica batch, finetune stage.")
