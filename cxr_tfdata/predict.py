@@ -22,8 +22,6 @@ from cxr_tfdata import features
 from tfrecords_builder import imaging
 
 CSV_COLUMNS = ("path", "probability", "label", "error")
-RESIZE_MODES = ("squash", "pad")
-RECORD_ENCODINGS = ("jpeg", "png")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,27 +32,27 @@ class PredictConfig:
     paths: tuple[str, ...]
     output_csv: str = ""  # empty: the CSV goes to stdout
     gradcam_dir: str = ""
-    resize: str = "squash"
+    resize: str = imaging.DEFAULT_RESIZE
     threshold: float = 0.5
     batch_size: int = 32
     # How the training records stored images (the converter's --encoding, --jpeg_quality): the same
     # lossy round trip is applied here, so a source file meets the model as its record did.
-    record_encoding: str = "jpeg"
-    jpeg_quality: int = 95
+    record_encoding: str = imaging.DEFAULT_ENCODING
+    jpeg_quality: int = imaging.DEFAULT_JPEG_QUALITY
 
     def __post_init__(self):
         if not self.model_path:
             raise ValueError("--model: is required")
         if not self.paths:
             raise ValueError("no image files or folders given (pass them as arguments)")
-        if self.resize not in RESIZE_MODES:
-            raise ValueError(f"--resize: must be one of {RESIZE_MODES}, got {self.resize!r}")
+        if self.resize not in imaging.RESIZE_MODES:
+            raise ValueError(f"--resize: must be one of {imaging.RESIZE_MODES}, got {self.resize!r}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"--threshold: must be in [0, 1], got {self.threshold}")
         if self.batch_size < 1:
             raise ValueError(f"--batch_size: must be >= 1, got {self.batch_size}")
-        if self.record_encoding not in RECORD_ENCODINGS:
-            raise ValueError(f"--record_encoding: must be one of {RECORD_ENCODINGS}, got {self.record_encoding!r}")
+        if self.record_encoding not in imaging.ENCODINGS:
+            raise ValueError(f"--record_encoding: must be one of {imaging.ENCODINGS}, got {self.record_encoding!r}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"--jpeg_quality: must be in [1, 100], got {self.jpeg_quality}")
 
@@ -89,7 +87,7 @@ def collect_image_paths(paths: list[str] | tuple[str, ...]) -> list[str]:
 
 
 def load_image(path: str, image_size: int, pad: bool, record_encoding: str = "png",
-               jpeg_quality: int = 95) -> np.ndarray:
+               jpeg_quality: int = imaging.DEFAULT_JPEG_QUALITY) -> np.ndarray:
     """The converter's decode and resize of one file, then its record encoding decoded as the input
     pipeline decodes it: uint8 [S, S, 1], the pixels training saw. ImageError/OSError on failure.
 
@@ -122,7 +120,7 @@ def _read_rows(paths: list[str], image_size: int, pad: bool, record_encoding: st
 
 def predict_rows(model: keras.Model, paths: list[str], image_size: int, pad: bool,
                  threshold: float, batch_size: int, record_encoding: str = "png",
-                 jpeg_quality: int = 95) -> list[PredictionRow]:
+                 jpeg_quality: int = imaging.DEFAULT_JPEG_QUALITY) -> list[PredictionRow]:
     """One row per path: probability and class name at `threshold`, or the reason it failed."""
     rows = _read_rows(paths, image_size, pad, record_encoding, jpeg_quality)
     readable = [row for row in rows if row.pixels is not None]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import SHARED_DATA, requires_shared_data
+from tests.helpers import REPO_ROOT, SHARED_DATA, requires_shared_data
 from tfrecords_builder import imaging
 
 
@@ -134,3 +134,23 @@ def test_draft_decoding_is_close_to_full_decoding_on_real_images():
         assert shape_fast == shape_full
         # Measured 0.75 grey levels on average over 40 originals (at most 2.5).
         assert np.abs(fast.astype(int) - full.astype(int)).mean() < 3.0, path.name
+
+
+def test_build_settings_have_one_definition_that_every_tool_uses():
+    from cxr_tfdata import predict
+    from tfrecords_builder import build
+
+    assert imaging.ENCODINGS == ("jpeg", "png") and imaging.RESIZE_MODES == ("squash", "pad")
+    options, config = imaging.EncodeOptions(), build.BuildConfig(input_dir="in", output_dir="out")
+    assert options.jpeg_quality == config.jpeg_quality == imaging.DEFAULT_JPEG_QUALITY
+    assert options.encoding == config.encoding == imaging.DEFAULT_ENCODING
+    assert config.resize == imaging.DEFAULT_RESIZE
+    readers = predict.PredictConfig(model_path="m.keras", paths=("x",))
+    assert (readers.resize, readers.record_encoding, readers.jpeg_quality) == (
+        imaging.DEFAULT_RESIZE, imaging.DEFAULT_ENCODING, imaging.DEFAULT_JPEG_QUALITY)
+    # Each tool's source names the shared constants, not its own copy of the values (read as text:
+    # importing an entry point would define its flags in this process).
+    for relative in ("cxr_tfdata/predict.py", "cxr_tfdata/cli/predict.py", "tfrecords_builder/build.py",
+                     "tfrecords_builder/main.py"):
+        source = (REPO_ROOT / relative).read_text()
+        assert "imaging.DEFAULT_JPEG_QUALITY" in source and "95" not in source, relative

@@ -27,9 +27,9 @@ class BuildConfig:
     input_dir: str
     output_dir: str
     image_size: int = 224
-    resize: str = "squash"  # squash | pad
-    encoding: str = "jpeg"
-    jpeg_quality: int = 95
+    resize: str = imaging.DEFAULT_RESIZE  # one of imaging.RESIZE_MODES
+    encoding: str = imaging.DEFAULT_ENCODING
+    jpeg_quality: int = imaging.DEFAULT_JPEG_QUALITY
     val_fraction: float = 0.2
     seed: int = 0
     min_val_images: int = 100
@@ -47,7 +47,8 @@ class BuildConfig:
 
         require(bool(self.input_dir), "input_dir", "is required")
         require(bool(self.output_dir), "output_dir", "is required")
-        require(self.resize in ("squash", "pad"), "resize", f"must be squash or pad, got {self.resize!r}")
+        require(self.resize in imaging.RESIZE_MODES, "resize",
+                f"must be one of {imaging.RESIZE_MODES}, got {self.resize!r}")
         require(0.0 <= self.val_fraction < 1.0, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         require(self.min_val_images >= 0, "min_val_images", f"must be >= 0, got {self.min_val_images}")
         require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")

@@ -15,7 +15,13 @@ import io
 import numpy as np
 from PIL import Image, ImageOps
 
+# The one definition of the build settings that readers must repeat (cxr-build-tfrecords,
+# cxr-predict and cxr-export all import these).
 ENCODINGS = ("jpeg", "png")
+RESIZE_MODES = ("squash", "pad")  # squash: stretch to a square; pad: letterbox on black
+DEFAULT_ENCODING = "jpeg"
+DEFAULT_RESIZE = "squash"
+DEFAULT_JPEG_QUALITY = 95
 
 # EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
@@ -33,8 +39,8 @@ class EncodeOptions:
 
     image_size: int = 224
     pad: bool = False  # True: aspect-preserving letterbox on black; False: squash to a square
-    encoding: str = "jpeg"
-    jpeg_quality: int = 95
+    encoding: str = DEFAULT_ENCODING
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY
 
     def __post_init__(self):
         if not 8 <= self.image_size <= 4096:
@@ -145,7 +151,7 @@ def decode_and_resize(
     return np.asarray(image, dtype=np.uint8)[..., None], original_hw
 
 
-def encode(pixels: np.ndarray, encoding: str, jpeg_quality: int = 95) -> bytes:
+def encode(pixels: np.ndarray, encoding: str, jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> bytes:
     """uint8 [H, W, 1] or [H, W] -> single-channel JPEG or PNG bytes."""
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown encoding {encoding!r}; expected one of {ENCODINGS}")

@@ -7,15 +7,16 @@ import sys
 from absl import app, flags, logging
 
 from cxr_tfdata.cli import run_main
-from tfrecords_builder import build, scan, verify, writer
+from tfrecords_builder import build, imaging, scan, verify, writer
 
 _INPUT_DIR = flags.DEFINE_string("input_dir", None, "Folder with {train,test[,val]}/{NORMAL,PNEUMONIA}/*.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Dataset folder to create (TFDS dataset dir + manifest.json).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Side of the square output images, in pixels.")
-_RESIZE = flags.DEFINE_enum("resize", "squash", ["squash", "pad"],
+_RESIZE = flags.DEFINE_enum("resize", imaging.DEFAULT_RESIZE, imaging.RESIZE_MODES,
                             "squash: stretch to a square; pad: keep the aspect ratio, letterbox on black.")
-_ENCODING = flags.DEFINE_enum("encoding", "jpeg", ["jpeg", "png"], "How record images are stored (png is lossless).")
-_JPEG_QUALITY = flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality, 1-100.")
+_ENCODING = flags.DEFINE_enum("encoding", imaging.DEFAULT_ENCODING, imaging.ENCODINGS,
+                              "How record images are stored (png is lossless).")
+_JPEG_QUALITY = flags.DEFINE_integer("jpeg_quality", imaging.DEFAULT_JPEG_QUALITY, "JPEG quality, 1-100.")
 _VAL_FRACTION = flags.DEFINE_float("val_fraction", 0.2,
                                    "Share of each class's train images carved out as val (by patient) when "
                                    "there is no usable val/ folder. 0: no val split.")

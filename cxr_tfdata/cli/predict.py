@@ -13,19 +13,21 @@ import sys
 from absl import flags
 
 from cxr_tfdata.cli import run_main
+from tfrecords_builder import imaging
 
 _MODEL = flags.DEFINE_string("model", None, "Trained model (.keras); loaded in Keras safe mode.")
 _OUTPUT_CSV = flags.DEFINE_string("output_csv", None, "Write the CSV here instead of stdout.")
 _GRADCAM_DIR = flags.DEFINE_string("gradcam_dir", None, "Write a Grad-CAM overlay PNG per image here.")
 _RESIZE = flags.DEFINE_enum(
-    "resize", "squash", ["squash", "pad"],
+    "resize", imaging.DEFAULT_RESIZE, imaging.RESIZE_MODES,
     "squash: stretch to a square (the converter's default); pad: keep the aspect ratio on black. "
     "Use what the training records were built with.")
 _RECORD_ENCODING = flags.DEFINE_enum(
-    "record_encoding", "jpeg", ["jpeg", "png"],
+    "record_encoding", imaging.DEFAULT_ENCODING, imaging.ENCODINGS,
     "How the training records stored images (cxr-build-tfrecords --encoding): with jpeg each image "
     "goes through the same JPEG round trip, so a source file gets the probability its record gets.")
-_JPEG_QUALITY = flags.DEFINE_integer("jpeg_quality", 95, "cxr-build-tfrecords --jpeg_quality of the records.")
+_JPEG_QUALITY = flags.DEFINE_integer("jpeg_quality", imaging.DEFAULT_JPEG_QUALITY,
+                                     "cxr-build-tfrecords --jpeg_quality of the records.")
 _THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Probability at or above which the label is PNEUMONIA.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per inference batch.")
 
