@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 import keras
 import tensorflow as tf
@@ -62,6 +64,17 @@ def set_precision_policy(requested: str) -> str:
     keras.mixed_precision.set_global_policy(policy)
     logging.info("Mixed precision policy %s (%s)", policy, reason)
     return policy
+
+
+@contextlib.contextmanager
+def global_policy_scope(policy: str) -> Iterator[None]:
+    """Models built inside use `policy` (e.g. float32 copies for saving); the old policy returns after."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def choose_strategy(distribution: str) -> tf.distribute.Strategy:

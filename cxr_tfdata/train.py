@@ -293,8 +293,9 @@ class StageCheckpoint(keras.callbacks.Callback):
     def __init__(self, paths: StagePaths, state: dict[str, Any], early_stopping, reduce_lr,
                  export_model: keras.Model | None = None):
         super().__init__()
-        # An uncompiled twin of the model: best-model files then hold no optimizer state
-        # (less than half the size in the finetune stage) and load anywhere with compile=False.
+        # An uncompiled float32 twin of the model: best-model files then hold no optimizer state
+        # (less than half the size in the finetune stage), load anywhere with compile=False and
+        # compute in float32 whatever policy trained them.
         self.export_model = export_model
         self.paths = paths
         self.state = state
@@ -517,7 +518,11 @@ def run_stage(config: TrainConfig, stage: StageConfig, strategy: tf.distribute.S
     best_weights = None
     if state["early_stopping"] is not None:
         best_weights = _load_model_weights(paths.best_model, "the best model of the resumed stage")
-    export_model = _stage_architecture(config, stage)
+    # Saved models compute in float32: a file that kept the training policy would run evaluation,
+    # prediction and export in bfloat16/float16 on every machine. Variables are float32 under
+    # either policy, so the weights copy over exactly.
+    with precision_lib.global_policy_scope("float32"):
+        export_model = _stage_architecture(config, stage)
     global_batch = stage.batch_size * strategy.num_replicas_in_sync
     callbacks = stage_callbacks(stage, paths, state, best_weights, export_model, global_batch, steps)
     callbacks += list(extra_callbacks)

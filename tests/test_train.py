@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cxr_tfdata import train
+from cxr_tfdata import input_pipeline, train
 from cxr_tfdata.config import AugmentConfig, DataConfig, ModelConfig, StageConfig, TrainConfig
 from tests.helpers import write_tiny_dataset
 
@@ -132,6 +132,30 @@ def test_frozen_stage_learns_and_writes_its_outputs(frozen_run):
     assert set(on_disk["frozen"]) >= {"val_loss", "val_accuracy", "val_precision", "val_recall", "val_auc"}
     assert on_disk == json.loads(json.dumps(metrics))
     assert not [n for n in os.listdir(model_dir) if n.startswith(".tmp-")]
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)
+
+
+@pytest.mark.slow
+def test_saved_models_compute_in_float32_whatever_policy_trained_them(frozen_run, data_dir):
+    model_dir, config, _, metrics = frozen_run
+    assert config.mixed_precision == "mixed_bfloat16"
+    keras.mixed_precision.set_global_policy("float32")
+    for name in ("frozen_best.keras", "final.keras"):
+        model = keras.saving.load_model(str(model_dir / name), safe_mode=True)
+        mixed = [layer.name for layer in _all_layers(model) if layer.compute_dtype != "float32"]
+        assert not mixed, f"{name}: {mixed}"
+    # The float32 copy holds the trained weights: its val loss is the one the bfloat16 model had.
+    model = keras.saving.load_model(str(model_dir / "frozen_best.keras"), safe_mode=True)
+    model.compile(loss=keras.losses.BinaryCrossentropy())
+    val = input_pipeline.create_dataset(config.data, "val", 8, training=False)
+    val_loss = model.evaluate(val, verbose=0, return_dict=True)["loss"]
+    assert val_loss == pytest.approx(metrics["frozen"]["val_loss"], rel=0.03, abs=0.01)
 
 
 @pytest.mark.slow
