@@ -3,8 +3,10 @@
 Signature `serving_default`: input `image_bytes` tf.string [None] (JPEG or PNG, any size, gray or
 colour), output `probability` float32 [None]. In the graph each image is decoded to one channel,
 resized to the model's size with antialiased bilinear filtering (what the converter's PIL resize
-does, approximately) and rounded to integer pixel values in [0, 255], as the converter stores
-them; the model itself then applies the ResNet scaling.
+does, approximately) -- squashed to a square, or with resize="pad" letterboxed on black with the
+converter's geometry -- and rounded to integer pixel values in [0, 255], as the converter stores
+them; the model itself then applies the ResNet scaling. Export with the resize the training
+records were built with.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import keras
 import tensorflow as tf
 
 from cxr_tfdata import model_io
+from tfrecords_builder import imaging
 
 SIGNATURE_KEY = "serving_default"
 INPUT_KEY = "image_bytes"
@@ -31,29 +34,54 @@ class ExportConfig:
     model_path: str
     output_dir: str
     overwrite: bool = False
+    resize: str = imaging.DEFAULT_RESIZE  # the records' cxr-build-tfrecords --resize
 
     def __post_init__(self):
         if not self.model_path:
             raise ValueError("--model: is required")
         if not self.output_dir:
             raise ValueError("--output_dir: is required")
+        if self.resize not in imaging.RESIZE_MODES:
+            raise ValueError(f"--resize: must be one of {imaging.RESIZE_MODES}, got {self.resize!r}")
 
 
-def decode_image_bytes(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
-    """One encoded image -> float32 [S, S, 1] integer pixel values in [0, 255]."""
-    image = tf.io.decode_image(encoded, channels=1, dtype=tf.uint8, expand_animations=False)
-    image.set_shape([None, None, 1])
-    resized = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
+def _resize_rounded(image: tf.Tensor, height, width) -> tf.Tensor:
+    resized = tf.image.resize(image, tf.stack([height, width]), method="bilinear", antialias=True)
     return tf.clip_by_value(tf.round(resized), 0.0, 255.0)
 
 
-def serving_function(model: keras.Model, image_size: int):
+def _letterbox(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """tfrecords_builder.imaging.resize(pad=True) in-graph: the same size, rounding and offsets.
+
+    float64 and round-half-to-even, as Python's round() of the same product, so the scaled sides
+    (and so the black borders) are the converter's to the pixel.
+    """
+    shape = tf.shape(image, out_type=tf.int64)
+    height, width = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
+    scale = image_size / tf.maximum(height, width)
+    new_height = tf.maximum(tf.cast(tf.round(height * scale), tf.int32), 1)
+    new_width = tf.maximum(tf.cast(tf.round(width * scale), tf.int32), 1)
+    resized = _resize_rounded(image, new_height, new_width)
+    return tf.image.pad_to_bounding_box(
+        resized, (image_size - new_height) // 2, (image_size - new_width) // 2, image_size, image_size)
+
+
+def decode_image_bytes(encoded: tf.Tensor, image_size: int, pad: bool = False) -> tf.Tensor:
+    """One encoded image -> float32 [S, S, 1] integer pixel values in [0, 255] (pad: letterboxed)."""
+    image = tf.io.decode_image(encoded, channels=1, dtype=tf.uint8, expand_animations=False)
+    image.set_shape([None, None, 1])
+    if pad:
+        return _letterbox(image, image_size)
+    return _resize_rounded(image, image_size, image_size)
+
+
+def serving_function(model: keras.Model, image_size: int, pad: bool = False):
     """The serving computation: a batch of encoded images -> {"probability": float32 [N]}."""
 
     def serve(image_bytes):
         count = tf.shape(image_bytes)[0]
         images = tf.map_fn(
-            lambda encoded: decode_image_bytes(encoded, image_size),
+            lambda encoded: decode_image_bytes(encoded, image_size, pad),
             image_bytes,
             fn_output_signature=tf.TensorSpec([image_size, image_size, 1], tf.float32),
         )
@@ -74,17 +102,17 @@ class ServingModule(tf.Module):
     them by the names the graph uses.
     """
 
-    def __init__(self, model: keras.Model):
+    def __init__(self, model: keras.Model, pad: bool = False):
         super().__init__(name="cxr_serving")
         self.image_size = model_io.model_image_size(model)
         self.serve = tf.function(
-            serving_function(model, self.image_size),
+            serving_function(model, self.image_size, pad),
             input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_KEY)],
         )
         self.captured_variables = list(self.serve.get_concrete_function().variables)
 
 
-def export_saved_model(model: keras.Model, output_dir: str, overwrite: bool = False) -> str:
+def export_saved_model(model: keras.Model, output_dir: str, overwrite: bool = False, pad: bool = False) -> str:
     """Writes the SavedModel beside `output_dir` and renames it into place only when complete.
 
     A plain tf.Module rather than keras.export.ExportArchive: the archive (Keras 3.15) writes every
@@ -96,7 +124,7 @@ def export_saved_model(model: keras.Model, output_dir: str, overwrite: bool = Fa
         raise FileExistsError(f"--output_dir: {output_dir} already exists (pass --overwrite to replace it)")
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
-    module = ServingModule(model)
+    module = ServingModule(model, pad)
     staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output_dir)}.tmp-")
     try:
         saved = os.path.join(staging, "saved_model")
@@ -122,4 +150,4 @@ def export(config: ExportConfig) -> str:
     """Runs cxr-export: loads the model in safe mode and writes the serving SavedModel."""
     model = model_io.load_model(config.model_path)
     model_io.model_image_size(model, config.model_path)
-    return export_saved_model(model, config.output_dir, config.overwrite)
+    return export_saved_model(model, config.output_dir, config.overwrite, pad=config.resize == "pad")

@@ -127,3 +127,50 @@ def test_export_refuses_unsafe_model(tmp_path):
         export.export(config)
     assert str(path) in str(error.value)
     assert not (tmp_path / "out").exists()
+
+
+def _bright_non_square(width: int, height: int, seed: int) -> np.ndarray:
+    """A PNEUMONIA-like (bright) image whose letterbox borders are unmistakable black."""
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.normal(170, 25, (height, width)), 40, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("width, height", [(70, 45), (24, 96), (33, 32), (101, 7)])
+def test_in_graph_letterbox_has_the_converters_geometry(width, height):
+    from tfrecords_builder import imaging
+
+    encoded = helpers.encode_png(_bright_non_square(width, height, seed=width))
+    converter, _ = imaging.decode_and_resize(encoded, 32, pad=True)
+    in_graph = export.decode_image_bytes(tf.constant(encoded), 32, pad=True).numpy()
+    assert in_graph.shape == (32, 32, 1)
+    # The black border is exactly where the converter puts it; inside, the filters differ slightly.
+    np.testing.assert_array_equal(in_graph == 0, converter == 0)
+    assert np.abs(in_graph - converter.astype(np.float32)).mean() < 3.0
+
+
+def test_pad_export_matches_predict_with_resize_pad(setup, tmp_path):
+    from cxr_tfdata import predict
+
+    paths = []
+    for i, (width, height) in enumerate(((24, 96), (96, 30), (50, 64))):
+        path = tmp_path / f"image{i}.png"
+        path.write_bytes(helpers.encode_png(_bright_non_square(width, height, seed=i)))
+        paths.append(str(path))
+    model = model_io.load_model(str(setup.model_path))
+    rows = predict.predict_rows(model, paths, 32, pad=True, threshold=0.5, batch_size=4, record_encoding="png")
+    expected = np.array([row.probability for row in rows], np.float32)
+    encoded = tf.constant([open(p, "rb").read() for p in paths])
+    served = {}
+    for resize in ("pad", "squash"):
+        config = export.ExportConfig(model_path=str(setup.model_path), output_dir=str(tmp_path / resize),
+                                     resize=resize)
+        serve = tf.saved_model.load(export.export(config)).signatures[export.SIGNATURE_KEY]
+        served[resize] = serve(image_bytes=encoded)[export.OUTPUT_KEY].numpy()
+    np.testing.assert_allclose(served["pad"], expected, atol=0.01)
+    # The comparison can tell the two apart: squashing these images gives other probabilities.
+    assert np.abs(served["squash"] - expected).max() > 0.05
+
+
+def test_export_config_rejects_unknown_resize():
+    with pytest.raises(ValueError, match="--resize"):
+        export.ExportConfig(model_path="m.keras", output_dir="out", resize="crop")

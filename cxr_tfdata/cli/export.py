@@ -7,10 +7,15 @@ import sys
 from absl import app, flags
 
 from cxr_tfdata.cli import run_main
+from tfrecords_builder import imaging
 
 _MODEL = flags.DEFINE_string("model", None, "Trained model (.keras); loaded in Keras safe mode.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "SavedModel directory to write (renamed into place when complete).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output_dir.")
+_RESIZE = flags.DEFINE_enum(
+    "resize", imaging.DEFAULT_RESIZE, imaging.RESIZE_MODES,
+    "How the serving graph resizes images: squash (stretch to a square) or pad (keep the aspect "
+    "ratio on black). Use what the training records were built with (cxr-build-tfrecords --resize).")
 
 
 def main(argv):
@@ -20,7 +25,8 @@ def main(argv):
 
     try:
         config = export.ExportConfig(
-            model_path=_MODEL.value or "", output_dir=_OUTPUT_DIR.value or "", overwrite=_OVERWRITE.value
+            model_path=_MODEL.value or "", output_dir=_OUTPUT_DIR.value or "", overwrite=_OVERWRITE.value,
+            resize=_RESIZE.value,
         )
         path = export.export(config)
     except (ValueError, OSError) as e:
