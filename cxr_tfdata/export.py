@@ -5,8 +5,9 @@ colour), output `probability` float32 [None]. In the graph each image is decoded
 resized to the model's size with antialiased bilinear filtering (what the converter's PIL resize
 does, approximately) -- squashed to a square, or with resize="pad" letterboxed on black with the
 converter's geometry -- and rounded to integer pixel values in [0, 255], as the converter stores
-them; the model itself then applies the ResNet scaling. Export with the resize the training
-records were built with.
+them; with record_encoding="jpeg" they then go through the records' JPEG round trip (as cxr-predict
+does). The model itself then applies the ResNet scaling. Export with the settings the training
+records were built with (cxr-export --data_dir reads them from the dataset's manifest.json).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import tempfile
 import keras
 import tensorflow as tf
 
-from cxr_tfdata import model_io
+from cxr_tfdata import model_io, predict
 from tfrecords_builder import imaging
 
 SIGNATURE_KEY = "serving_default"
@@ -34,7 +35,11 @@ class ExportConfig:
     model_path: str
     output_dir: str
     overwrite: bool = False
-    resize: str = imaging.DEFAULT_RESIZE  # the records' cxr-build-tfrecords --resize
+    # The records' cxr-build-tfrecords --resize, --encoding and --jpeg_quality.
+    resize: str = imaging.DEFAULT_RESIZE
+    record_encoding: str = imaging.DEFAULT_ENCODING
+    jpeg_quality: int = imaging.DEFAULT_JPEG_QUALITY
+    data_dir: str = ""  # the training dataset, when given: its image size is checked against the model's
 
     def __post_init__(self):
         if not self.model_path:
@@ -43,6 +48,15 @@ class ExportConfig:
             raise ValueError("--output_dir: is required")
         if self.resize not in imaging.RESIZE_MODES:
             raise ValueError(f"--resize: must be one of {imaging.RESIZE_MODES}, got {self.resize!r}")
+        if self.record_encoding not in imaging.ENCODINGS:
+            raise ValueError(f"--record_encoding: must be one of {imaging.ENCODINGS}, got {self.record_encoding!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"--jpeg_quality: must be in [1, 100], got {self.jpeg_quality}")
+
+    @property
+    def round_trip_quality(self) -> int | None:
+        """The JPEG quality of the records' round trip; None for lossless (png) records."""
+        return self.jpeg_quality if self.record_encoding == "jpeg" else None
 
 
 def _resize_rounded(image: tf.Tensor, height, width) -> tf.Tensor:
@@ -66,22 +80,28 @@ def _letterbox(image: tf.Tensor, image_size: int) -> tf.Tensor:
         resized, (image_size - new_height) // 2, (image_size - new_width) // 2, image_size, image_size)
 
 
-def decode_image_bytes(encoded: tf.Tensor, image_size: int, pad: bool = False) -> tf.Tensor:
-    """One encoded image -> float32 [S, S, 1] integer pixel values in [0, 255] (pad: letterboxed)."""
+def decode_image_bytes(encoded: tf.Tensor, image_size: int, pad: bool = False,
+                       jpeg_quality: int | None = None) -> tf.Tensor:
+    """One encoded image -> float32 [S, S, 1] integer pixel values in [0, 255] (pad: letterboxed).
+
+    jpeg_quality: encode and decode the resized pixels as JPEG records at that quality are.
+    """
     image = tf.io.decode_image(encoded, channels=1, dtype=tf.uint8, expand_animations=False)
     image.set_shape([None, None, 1])
-    if pad:
-        return _letterbox(image, image_size)
-    return _resize_rounded(image, image_size, image_size)
+    pixels = _letterbox(image, image_size) if pad else _resize_rounded(image, image_size, image_size)
+    if jpeg_quality is None:
+        return pixels
+    record = tf.io.encode_jpeg(tf.cast(pixels, tf.uint8), quality=jpeg_quality)
+    return tf.cast(tf.io.decode_jpeg(record, channels=1), tf.float32)
 
 
-def serving_function(model: keras.Model, image_size: int, pad: bool = False):
+def serving_function(model: keras.Model, image_size: int, pad: bool = False, jpeg_quality: int | None = None):
     """The serving computation: a batch of encoded images -> {"probability": float32 [N]}."""
 
     def serve(image_bytes):
         count = tf.shape(image_bytes)[0]
         images = tf.map_fn(
-            lambda encoded: decode_image_bytes(encoded, image_size, pad),
+            lambda encoded: decode_image_bytes(encoded, image_size, pad, jpeg_quality),
             image_bytes,
             fn_output_signature=tf.TensorSpec([image_size, image_size, 1], tf.float32),
         )
@@ -102,17 +122,18 @@ class ServingModule(tf.Module):
     them by the names the graph uses.
     """
 
-    def __init__(self, model: keras.Model, pad: bool = False):
+    def __init__(self, model: keras.Model, pad: bool = False, jpeg_quality: int | None = None):
         super().__init__(name="cxr_serving")
         self.image_size = model_io.model_image_size(model)
         self.serve = tf.function(
-            serving_function(model, self.image_size, pad),
+            serving_function(model, self.image_size, pad, jpeg_quality),
             input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_KEY)],
         )
         self.captured_variables = list(self.serve.get_concrete_function().variables)
 
 
-def export_saved_model(model: keras.Model, output_dir: str, overwrite: bool = False, pad: bool = False) -> str:
+def export_saved_model(model: keras.Model, output_dir: str, overwrite: bool = False, pad: bool = False,
+                       jpeg_quality: int | None = None) -> str:
     """Writes the SavedModel beside `output_dir` and renames it into place only when complete.
 
     A plain tf.Module rather than keras.export.ExportArchive: the archive (Keras 3.15) writes every
@@ -124,7 +145,7 @@ def export_saved_model(model: keras.Model, output_dir: str, overwrite: bool = Fa
         raise FileExistsError(f"--output_dir: {output_dir} already exists (pass --overwrite to replace it)")
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
-    module = ServingModule(model, pad)
+    module = ServingModule(model, pad, jpeg_quality)
     staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output_dir)}.tmp-")
     try:
         saved = os.path.join(staging, "saved_model")
@@ -149,5 +170,7 @@ def _replace_dir(source: str, target: str) -> None:
 def export(config: ExportConfig) -> str:
     """Runs cxr-export: loads the model in safe mode and writes the serving SavedModel."""
     model = model_io.load_model(config.model_path)
-    model_io.model_image_size(model, config.model_path)
-    return export_saved_model(model, config.output_dir, config.overwrite, pad=config.resize == "pad")
+    image_size = model_io.model_image_size(model, config.model_path)
+    predict.check_dataset_image_size(image_size, config.model_path, config.data_dir)
+    return export_saved_model(model, config.output_dir, config.overwrite, pad=config.resize == "pad",
+                              jpeg_quality=config.round_trip_quality)

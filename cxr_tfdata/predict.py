@@ -24,6 +24,56 @@ from tfrecords_builder import imaging
 CSV_COLUMNS = ("path", "probability", "label", "error")
 
 
+# Each reader flag and the cxr-build-tfrecords flag it must repeat (keys of manifest.json "flags").
+_BUILD_FLAG_OF = {"resize": "resize", "record_encoding": "encoding", "jpeg_quality": "jpeg_quality"}
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordSettings:
+    """How the training records were built, as far as a reader of source images must repeat it."""
+
+    resize: str = imaging.DEFAULT_RESIZE
+    record_encoding: str = imaging.DEFAULT_ENCODING
+    jpeg_quality: int = imaging.DEFAULT_JPEG_QUALITY
+
+
+def record_settings(data_dir: str = "", *, resize: str | None = None, record_encoding: str | None = None,
+                    jpeg_quality: int | None = None) -> RecordSettings:
+    """The build settings: from `data_dir`'s manifest.json when given, else the values passed.
+
+    None means "not given on the command line": the manifest's value, or without a data_dir the
+    builder's default. A given value that contradicts the manifest is an error naming both.
+    """
+    given = {"resize": resize, "record_encoding": record_encoding, "jpeg_quality": jpeg_quality}
+    if not data_dir:
+        return RecordSettings(**{name: value for name, value in given.items() if value is not None})
+    manifest = features.read_manifest(data_dir)
+    path = os.path.join(data_dir, features.MANIFEST_FILENAME)
+    recorded = {name: (manifest.get("flags") or {}).get(build_name, manifest.get(build_name))
+                for name, build_name in _BUILD_FLAG_OF.items()}
+    if recorded["record_encoding"] == "png" and recorded["jpeg_quality"] is None:
+        recorded["jpeg_quality"] = imaging.DEFAULT_JPEG_QUALITY  # unused by lossless records
+    resolved = {}
+    for name, value in given.items():
+        build_flag = f"cxr-build-tfrecords --{_BUILD_FLAG_OF[name]}"
+        if recorded[name] is None and value is None:
+            raise ValueError(f"--{name}: {path} does not record the {build_flag} of the dataset; pass --{name}")
+        if recorded[name] is not None and value is not None and value != recorded[name]:
+            raise ValueError(f"--{name}={value} contradicts --data_dir: {path} was built with "
+                             f"{build_flag}={recorded[name]}; drop --{name} or pass that value")
+        resolved[name] = recorded[name] if value is None else value
+    return RecordSettings(**resolved)
+
+
+def check_dataset_image_size(model_image_size: int, model_path: str, data_dir: str) -> None:
+    """With --data_dir, the model must take the dataset's image size."""
+    from cxr_tfdata import model_io
+
+    if data_dir:
+        data_size = int(features.read_manifest(data_dir)["image_size"])
+        model_io.check_image_size(model_image_size, data_size, model_path, data_dir)
+
+
 @dataclasses.dataclass(frozen=True)
 class PredictConfig:
     """What cxr-predict runs."""
@@ -39,6 +89,7 @@ class PredictConfig:
     # lossy round trip is applied here, so a source file meets the model as its record did.
     record_encoding: str = imaging.DEFAULT_ENCODING
     jpeg_quality: int = imaging.DEFAULT_JPEG_QUALITY
+    data_dir: str = ""  # the training dataset, when given: its image size is checked against the model's
 
     def __post_init__(self):
         if not self.model_path:
@@ -243,6 +294,7 @@ def predict(config: PredictConfig, stream: io.TextIOBase) -> list[PredictionRow]
 
     model = model_io.load_model(config.model_path)
     image_size = model_io.model_image_size(model, config.model_path)
+    check_dataset_image_size(image_size, config.model_path, config.data_dir)
     paths = collect_image_paths(config.paths)
     if not paths:
         raise ValueError(f"no image files found in {list(config.paths)}")

@@ -13,7 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from cxr_tfdata import features
+from cxr_tfdata import features, predict
 from tests.helpers import REPO_ROOT, SHARED_DATA, requires_shared_data
 from tfrecords_builder import build, sample, scan, worker, writer
 
@@ -190,6 +190,8 @@ def test_pad_and_seed_are_recorded_and_carve_out_is_seeded(images, tmp_path):
     first = build.build_dataset(_config(images, tmp_path / "a", resize="pad", seed=1))
     again = build.build_dataset(_config(images, tmp_path / "b", resize="pad", seed=1))
     assert first["flags"]["resize"] == "pad" and first["flags"]["seed"] == 1
+    # cxr-predict/cxr-export --data_dir read these settings back from the manifest the builder writes.
+    assert predict.record_settings(str(tmp_path / "a")) == predict.RecordSettings("pad", "jpeg", 95)
     assert first["splits"]["val"]["class_counts"] == again["splits"]["val"]["class_counts"]
     assert sorted(r["filename"] for r in _records(tmp_path / "a", "val")) == sorted(
         r["filename"] for r in _records(tmp_path / "b", "val"))

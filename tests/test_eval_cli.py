@@ -93,3 +93,65 @@ def test_evaluate_binary_missing_split_lists_available(setup, tmp_path):
     assert "'holdout'" in result.stderr and "['test', 'train', 'val']" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def padded_dataset(tmp_path):
+    """A tall bright image, and a dataset folder whose manifest says it was built with pad and PNG."""
+    import numpy as np
+
+    from cxr_tfdata import features
+    from tests import helpers
+
+    pixels = np.clip(np.random.default_rng(5).normal(170, 25, (96, 24)), 40, 255).astype(np.uint8)
+    image = tmp_path / "tall.png"
+    image.write_bytes(helpers.encode_png(pixels))
+    data_dir = tmp_path / "records"
+    data_dir.mkdir()
+    (data_dir / features.MANIFEST_FILENAME).write_text(json.dumps({
+        "format_version": 1, "image_size": eval_fixtures.IMAGE_SIZE, "class_names": list(features.CLASS_NAMES),
+        "splits": {}, "encoding": "png", "resize": "pad",
+        "flags": {"image_size": eval_fixtures.IMAGE_SIZE, "resize": "pad", "encoding": "png", "jpeg_quality": 95},
+    }))
+    return image, data_dir
+
+
+def _in_process_probability(setup, image, **settings) -> float:
+    from cxr_tfdata import model_io, predict
+
+    model = model_io.load_model(str(setup.model_path))
+    [row] = predict.predict_rows(model, [str(image)], eval_fixtures.IMAGE_SIZE, threshold=0.5, batch_size=1,
+                                 **settings)
+    return row.probability
+
+
+def test_predict_and_export_take_build_settings_from_data_dir(setup, padded_dataset, tmp_path):
+    import tensorflow as tf
+
+    image, data_dir = padded_dataset
+    built = _in_process_probability(setup, image, pad=True, record_encoding="png")
+    defaults = _in_process_probability(setup, image, pad=False, record_encoding="jpeg")
+    assert abs(built - defaults) > 0.05  # the settings matter for this image
+    result = eval_fixtures.run_cli(
+        "cxr_tfdata.cli.predict", f"--model={setup.model_path}", f"--data_dir={data_dir}", str(image))
+    assert result.returncode == 0, result.stderr
+    [row] = list(csv.DictReader(result.stdout.splitlines()))
+    assert float(row["probability"]) == pytest.approx(built, abs=1e-5)
+    result = eval_fixtures.run_cli(
+        "cxr_tfdata.cli.export", f"--model={setup.model_path}", f"--data_dir={data_dir}",
+        f"--output_dir={tmp_path / 'saved'}")
+    assert result.returncode == 0, result.stderr
+    serve = tf.saved_model.load(str(tmp_path / "saved")).signatures["serving_default"]
+    served = serve(image_bytes=tf.constant([image.read_bytes()]))["probability"].numpy()
+    assert served[0] == pytest.approx(built, abs=0.01)
+
+
+@pytest.mark.parametrize("module", ["cxr_tfdata.cli.predict", "cxr_tfdata.cli.export"])
+def test_a_flag_contradicting_data_dir_is_refused(setup, padded_dataset, tmp_path, module):
+    image, data_dir = padded_dataset
+    extra = [str(image)] if module.endswith("predict") else [f"--output_dir={tmp_path / 'saved'}"]
+    result = eval_fixtures.run_cli(module, f"--model={setup.model_path}", f"--data_dir={data_dir}",
+                                   "--resize=squash", *extra)
+    assert result.returncode == 1
+    assert "--resize=squash contradicts --data_dir" in result.stderr and "--resize=pad" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "saved").exists()

@@ -38,7 +38,8 @@ def exported(setup, tmp_path_factory):
     """The export of the tiny model, the test records' bytes (.npy), and the evaluation's probabilities."""
     root = tmp_path_factory.mktemp("export")
     result = eval_fixtures.run_cli(
-        "cxr_tfdata.cli.export", f"--model={setup.model_path}", f"--output_dir={root / 'saved'}")
+        "cxr_tfdata.cli.export", f"--model={setup.model_path}", f"--output_dir={root / 'saved'}",
+        "--record_encoding=png")  # the tiny records are PNG
     assert result.returncode == 0, result.stderr
     model = model_io.load_model(str(setup.model_path))
     predictions = evaluate.predict_split(model, str(setup.data_dir), "test", 32, batch_size=8)
@@ -163,7 +164,7 @@ def test_pad_export_matches_predict_with_resize_pad(setup, tmp_path):
     served = {}
     for resize in ("pad", "squash"):
         config = export.ExportConfig(model_path=str(setup.model_path), output_dir=str(tmp_path / resize),
-                                     resize=resize)
+                                     resize=resize, record_encoding="png")
         serve = tf.saved_model.load(export.export(config)).signatures[export.SIGNATURE_KEY]
         served[resize] = serve(image_bytes=encoded)[export.OUTPUT_KEY].numpy()
     np.testing.assert_allclose(served["pad"], expected, atol=0.01)
@@ -174,3 +175,18 @@ def test_pad_export_matches_predict_with_resize_pad(setup, tmp_path):
 def test_export_config_rejects_unknown_resize():
     with pytest.raises(ValueError, match="--resize"):
         export.ExportConfig(model_path="m.keras", output_dir="out", resize="crop")
+
+
+def test_in_graph_jpeg_round_trip_gives_predicts_pixels(tmp_path):
+    from cxr_tfdata import predict
+
+    source = np.random.default_rng(3).integers(0, 255, (61, 47), dtype=np.uint8)
+    path = tmp_path / "source.png"
+    path.write_bytes(helpers.encode_png(source))
+    for pad in (False, True):
+        lossless = export.decode_image_bytes(tf.constant(path.read_bytes()), 32, pad=pad).numpy()
+        in_graph = export.decode_image_bytes(tf.constant(path.read_bytes()), 32, pad=pad, jpeg_quality=80).numpy()
+        expected = predict.load_image(str(path), 32, pad=pad, record_encoding="jpeg", jpeg_quality=80)
+        assert np.abs(in_graph - expected).mean() < 2.0
+        # The round trip happened: noise does not survive JPEG at quality 80 unchanged.
+        assert np.abs(in_graph - lossless).mean() > 2 * np.abs(in_graph - expected).mean()

@@ -162,3 +162,49 @@ def test_predict_config_rejects_bad_flags():
         predict.PredictConfig(model_path="m", paths=("x",), resize="crop")
     with pytest.raises(ValueError, match="no image files"):
         predict.PredictConfig(model_path="m", paths=())
+
+
+def _dataset_manifest(folder, image_size=32, **build_flags) -> str:
+    """A dataset folder holding only what --data_dir reads: manifest.json with the builder's flags."""
+    import json
+
+    from cxr_tfdata import features
+
+    folder.mkdir(parents=True, exist_ok=True)
+    flags = {"image_size": image_size, "resize": "squash", "encoding": "jpeg", "jpeg_quality": 95, **build_flags}
+    manifest = {"format_version": 1, "image_size": image_size, "channels": 1, "encoding": flags["encoding"],
+                "resize": flags["resize"], "class_names": list(features.CLASS_NAMES), "splits": {},
+                "flags": flags}
+    (folder / features.MANIFEST_FILENAME).write_text(json.dumps(manifest))
+    return str(folder)
+
+
+def test_record_settings_come_from_the_manifest_and_conflicts_are_refused(tmp_path):
+    from tfrecords_builder import imaging
+
+    data_dir = _dataset_manifest(tmp_path / "data", resize="pad", encoding="jpeg", jpeg_quality=80)
+    built = predict.RecordSettings(resize="pad", record_encoding="jpeg", jpeg_quality=80)
+    assert predict.record_settings(data_dir) == built
+    assert predict.record_settings(data_dir, resize="pad", record_encoding="jpeg", jpeg_quality=80) == built
+    for given, message in (({"resize": "squash"}, "--resize=squash contradicts --data_dir: .*--resize=pad"),
+                           ({"record_encoding": "png"}, "--record_encoding=png contradicts .*--encoding=jpeg"),
+                           ({"jpeg_quality": 95}, "--jpeg_quality=95 contradicts .*--jpeg_quality=80")):
+        with pytest.raises(ValueError, match=message) as error:
+            predict.record_settings(data_dir, **given)
+        assert str(tmp_path / "data" / "manifest.json") in str(error.value)
+    # Without --data_dir: what was given, else the builder's defaults.
+    assert predict.record_settings() == predict.RecordSettings(
+        imaging.DEFAULT_RESIZE, imaging.DEFAULT_ENCODING, imaging.DEFAULT_JPEG_QUALITY)
+    assert predict.record_settings(resize="pad", record_encoding="png") == predict.RecordSettings(
+        "pad", "png", imaging.DEFAULT_JPEG_QUALITY)
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        predict.record_settings(str(tmp_path / "not_a_dataset"))
+
+
+def test_data_dir_of_another_image_size_is_refused(setup, tmp_path):
+    image = tmp_path / "x.png"
+    image.write_bytes(helpers.encode_png(helpers.labelled_image(1, 3, 32)))
+    config = predict.PredictConfig(model_path=str(setup.model_path), paths=(str(image),),
+                                   data_dir=_dataset_manifest(tmp_path / "data64", image_size=64))
+    with pytest.raises(ValueError, match="image size mismatch.*data64"):
+        predict.predict(config, io.StringIO())

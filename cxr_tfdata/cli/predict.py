@@ -1,6 +1,6 @@
 """cxr-predict: image files or folders to a CSV of pneumonia probabilities, with optional Grad-CAM overlays.
 
-Usage: cxr-predict --model=model.keras [--output_csv=out.csv] [--gradcam_dir=DIR] PATH [PATH ...]
+Usage: cxr-predict --model=model.keras [--data_dir=RECORDS] [--output_csv=out.csv] [--gradcam_dir=DIR] PATH ...
 CSV columns: path, probability, label (class name at --threshold), error (why a file was not read).
 Exit status: 0 when at least one image was predicted (bad files are reported on their rows), 1 when
 every file failed or the model cannot be used, 2 on a usage error.
@@ -16,12 +16,17 @@ from cxr_tfdata.cli import run_main
 from tfrecords_builder import imaging
 
 _MODEL = flags.DEFINE_string("model", None, "Trained model (.keras); loaded in Keras safe mode.")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None,
+    "The dataset the model was trained on (cxr-build-tfrecords --output_dir): --resize, "
+    "--record_encoding and --jpeg_quality are read from its manifest.json, and a conflicting value "
+    "given here is refused. Without it those flags (or their defaults) must match the build.")
 _OUTPUT_CSV = flags.DEFINE_string("output_csv", None, "Write the CSV here instead of stdout.")
 _GRADCAM_DIR = flags.DEFINE_string("gradcam_dir", None, "Write a Grad-CAM overlay PNG per image here.")
 _RESIZE = flags.DEFINE_enum(
     "resize", imaging.DEFAULT_RESIZE, imaging.RESIZE_MODES,
     "squash: stretch to a square (the converter's default); pad: keep the aspect ratio on black. "
-    "Use what the training records were built with.")
+    "Use what the training records were built with (or pass --data_dir).")
 _RECORD_ENCODING = flags.DEFINE_enum(
     "record_encoding", imaging.DEFAULT_ENCODING, imaging.ENCODINGS,
     "How the training records stored images (cxr-build-tfrecords --encoding): with jpeg each image "
@@ -36,16 +41,23 @@ def main(argv):
     from cxr_tfdata import predict
 
     try:
+        settings = predict.record_settings(
+            _DATA_DIR.value or "",
+            resize=_RESIZE.value if _RESIZE.present else None,
+            record_encoding=_RECORD_ENCODING.value if _RECORD_ENCODING.present else None,
+            jpeg_quality=_JPEG_QUALITY.value if _JPEG_QUALITY.present else None,
+        )
         config = predict.PredictConfig(
             model_path=_MODEL.value or "",
             paths=tuple(argv[1:]),
             output_csv=_OUTPUT_CSV.value or "",
             gradcam_dir=_GRADCAM_DIR.value or "",
-            resize=_RESIZE.value,
+            resize=settings.resize,
             threshold=_THRESHOLD.value,
             batch_size=_BATCH_SIZE.value,
-            record_encoding=_RECORD_ENCODING.value,
-            jpeg_quality=_JPEG_QUALITY.value,
+            record_encoding=settings.record_encoding,
+            jpeg_quality=settings.jpeg_quality,
+            data_dir=_DATA_DIR.value or "",
         )
         rows = predict.predict(config, sys.stdout)
     except (ValueError, OSError) as e:
