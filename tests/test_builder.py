@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -100,6 +101,7 @@ def test_bad_files_are_skipped_with_reasons_and_odd_formats_kept(images, tmp_pat
     manifest = build.build_dataset(_config(images, tmp_path / "out", num_workers=2))
     skipped = {s["path"]: s["reason"] for s in manifest["skipped"]}
     assert set(skipped) == bad
+    assert sum(s["num_skipped"] for s in manifest["splits"].values()) == len(bad)
     assert "empty" in skipped["train/NORMAL/IM-9001-0001.jpeg"]
     assert "truncated" in skipped["train/NORMAL/IM-9002-0001.jpeg"]
     assert "not a recognised image" in skipped["train/NORMAL/notes.txt"]
@@ -256,11 +258,16 @@ def test_progress_line_reports_rate_and_eta():
     assert progress.line() == "converted: 5/10 images (50%), 2.5 images/s, ETA 00:00:02"
 
 
-def test_identical_files_are_reported_and_leaks_dropped_from_train(images, tmp_path):
+def test_identical_files_are_reported_and_leaks_dropped_from_train(images, tmp_path, caplog):
     train_file = sorted((images / "train" / "PNEUMONIA").glob("*.jpeg"))[0]
     shutil.copy(train_file, images / "test" / "PNEUMONIA" / "person900_virus_1.jpeg")  # a leak
     shutil.copy(train_file, images / "train" / "PNEUMONIA" / "person901_virus_1.jpeg")  # train twin
-    manifest = build.build_dataset(_config(images, tmp_path / "out"))
+    with caplog.at_level(logging.INFO, logger="absl"):
+        manifest = build.build_dataset(_config(images, tmp_path / "out"))
+    assert manifest["splits"]["train"]["num_dropped_leaks"] == 2
+    assert manifest["splits"]["test"]["num_dropped_leaks"] == 0
+    [train_line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("split train:")]
+    assert "2 dropped as leaks" in train_line and "0 skipped as unreadable (0.0%)" in train_line
     [leak] = manifest["duplicates"]["across_splits"]
     assert leak["kept_in"] == "test" and leak["paths"]["test"] == ["test/PNEUMONIA/person900_virus_1.jpeg"]
     assert {d["path"] for d in manifest["dropped_leaks"]} == {
@@ -276,3 +283,21 @@ def test_identical_files_in_one_split_are_kept_and_reported(images, tmp_path):
     [group] = manifest["duplicates"]["within_split"]
     assert group["paths"] == sorted([f"train/NORMAL/{train_file.name}", "train/NORMAL/IM-9999-0001.jpeg"])
     assert manifest["dropped_leaks"] == []
+
+
+def test_split_losses_are_logged_with_shares_and_a_warning_above_five_percent(caplog):
+    def entry(written, skipped, dropped):
+        return {"num_examples": written, "num_skipped": skipped, "num_dropped_leaks": dropped}
+
+    splits = {"train": entry(90, 4, 6), "val": entry(95, 0, 5), "test": entry(97, 2, 1)}
+    with caplog.at_level(logging.INFO, logger="absl"):
+        build.log_split_losses(splits)
+    lines = {r.getMessage().split(":")[0]: r for r in caplog.records if r.getMessage().startswith("split ")}
+    assert lines["split train"].levelno == logging.WARNING  # 10% missing
+    assert lines["split train"].getMessage().startswith(
+        "split train: 90 of 100 images written; 4 skipped as unreadable (4.0%), 6 dropped as leaks (6.0%): "
+        "more than 5% of the split is missing")
+    assert lines["split val"].levelno == logging.INFO  # exactly 5%: not more
+    assert lines["split test"].levelno == logging.INFO
+    assert lines["split test"].getMessage() == (
+        "split test: 97 of 100 images written; 2 skipped as unreadable (2.0%), 1 dropped as leaks (1.0%)")

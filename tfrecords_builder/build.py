@@ -18,6 +18,8 @@ from absl import logging
 from tfrecords_builder import imaging, manifest, plan, scan, writer
 
 _INCOMPLETE_MARK = ".incomplete-"
+# A split losing more than this share of its files (unreadable, or dropped as leaks) is warned about.
+LOSS_WARNING_FRACTION = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +122,25 @@ def _swap_into_place(dataset_dir: str, output_dir: str, staging: str) -> None:
     os.rename(dataset_dir, output_dir)
 
 
+def log_split_losses(splits: dict) -> None:
+    """One line per split: images written, skipped as unreadable, dropped as leaks, with shares.
+
+    A warning when a split lost more than LOSS_WARNING_FRACTION of its files: the manifest lists
+    each of them, but a build that quietly lost a tenth of a split should not look like success.
+    """
+    for split, entry in splits.items():
+        skipped, dropped = entry["num_skipped"], entry["num_dropped_leaks"]
+        total = max(1, entry["num_examples"] + skipped + dropped)
+        line = (f"split {split}: {entry['num_examples']} of {total} images written; "
+                f"{skipped} skipped as unreadable ({100 * skipped / total:.1f}%), "
+                f"{dropped} dropped as leaks ({100 * dropped / total:.1f}%)")
+        if (skipped + dropped) / total > LOSS_WARNING_FRACTION:
+            logging.warning("%s: more than %.0f%% of the split is missing (manifest.json lists them "
+                            "under \"skipped\" and \"dropped_leaks\")", line, 100 * LOSS_WARNING_FRACTION)
+        else:
+            logging.info("%s", line)
+
+
 def build_dataset(config: BuildConfig) -> dict:
     """Builds the dataset; returns the manifest. Raises scan.LayoutError or writer.BuildError."""
     start = time.monotonic()
@@ -146,6 +167,7 @@ def build_dataset(config: BuildConfig) -> dict:
         _swap_into_place(dataset_dir, output_dir, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    log_split_losses(content["splits"])
     logging.info("wrote %s: %s", output_dir, {s: v["num_examples"] for s, v in content["splits"].items()})
     return content
 

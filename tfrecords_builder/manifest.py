@@ -18,7 +18,7 @@ RESIZE_METHODS = {
 }
 
 
-def _split_entry(split: str, builder, outcome, dataset_dir: str) -> dict[str, Any]:
+def _split_entry(split: str, builder, outcome, dataset_dir: str, num_dropped_leaks: int) -> dict[str, Any]:
     info = builder.info.splits[split]
     shard_files = list(info.filenames)
     missing = [f for f in shard_files if not os.path.exists(os.path.join(dataset_dir, f))]
@@ -32,6 +32,9 @@ def _split_entry(split: str, builder, outcome, dataset_dir: str) -> dict[str, An
         "class_counts": dict(outcome.class_counts),
         "num_patients": len(outcome.patients),
         "num_unparsed_patient_ids": outcome.unparsed_patient_ids,
+        "num_skipped": len(outcome.skipped),  # unreadable files (listed under "skipped")
+        # Leaked files taken out of this split before any val carve-out (listed under "dropped_leaks").
+        "num_dropped_leaks": num_dropped_leaks,
         "num_shards": len(shard_files),
         "shard_files": shard_files,
     }
@@ -40,7 +43,8 @@ def _split_entry(split: str, builder, outcome, dataset_dir: str) -> dict[str, An
 def make_manifest(config, the_plan, builder, strays: list[str], dataset_dir: str,
                   build_seconds: float) -> dict[str, Any]:
     """The manifest of a finished build (layout: cxr_tfdata.features.read_manifest)."""
-    splits = {s: _split_entry(s, builder, builder.outcomes[s], dataset_dir) for s in the_plan.splits}
+    splits = {s: _split_entry(s, builder, builder.outcomes[s], dataset_dir, the_plan.num_dropped_by_split.get(s, 0))
+              for s in the_plan.splits}
     skipped = [{"path": os.path.relpath(p, config.input_dir), "reason": "not inside a class folder"}
                for p in strays]
     for outcome in builder.outcomes.values():

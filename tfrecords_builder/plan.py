@@ -36,6 +36,8 @@ class Plan:
     duplicates: dict[str, Any]
     dropped_leaks: list[dict[str, str]]
     patients_in_several_given_splits: list[dict[str, Any]]
+    # Files each given split lost as leaks (before any val carve-out: a carved val shows 0).
+    num_dropped_by_split: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _relative(path: str, input_dir: str) -> str:
@@ -134,9 +136,11 @@ def make_plan(by_split, hashes: dict[str, str | None], input_dir: str, options: 
     _, across = _find_duplicates(given, hashes, input_dir)
     overlap = _patient_overlap(given)
     dropped = []
+    sizes_as_given = {split: len(files) for split, files in given.items()}
     if options.drop_leaks:
         dropped = _drop_leaks(given, across, input_dir) + _drop_patient_leaks(given, input_dir)
         dropped.sort(key=lambda d: d["path"])
+    num_dropped = {split: size - len(given[split]) for split, size in sizes_as_given.items()}
     if val_given:
         val_source = "given"
     elif options.val_fraction > 0:
@@ -147,4 +151,4 @@ def make_plan(by_split, hashes: dict[str, str | None], input_dir: str, options: 
     ordered = {s: sorted(given[s], key=lambda f: f.filename) for s in ("train", "val", "test") if given.get(s)}
     within, _ = _find_duplicates(ordered, hashes, input_dir)
     return Plan(ordered, val_source, {"within_split": within, "across_splits": across},
-                dropped, overlap)
+                dropped, overlap, num_dropped)
