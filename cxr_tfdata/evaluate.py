@@ -278,6 +278,17 @@ def operating_point(config: EvaluateConfig, val_predictions: SplitPredictions | 
     }
 
 
+def give_new_file_mode(path: str) -> None:
+    """Sets the mode open() would have given a new file (0o666 less the umask).
+
+    mkstemp creates its files 0600, so without this every report would be unreadable to the
+    group and others whatever the user's umask says.
+    """
+    umask = os.umask(0)
+    os.umask(umask)  # reading the umask means setting it; put it straight back
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_text_atomic(path: str, text: str) -> None:
     """Writes `path` through a temporary file in the same directory, so it is never half-written."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -285,6 +296,7 @@ def write_text_atomic(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w", newline="") as f:
             f.write(text)
+        give_new_file_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

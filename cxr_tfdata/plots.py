@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from sklearn import calibration
 from sklearn import metrics as skm
 
-from cxr_tfdata import features
+from cxr_tfdata import evaluate, features
 
 
 def _save(figure: Figure, path: str) -> None:
@@ -26,6 +26,7 @@ def _save(figure: Figure, path: str) -> None:
     os.close(fd)
     try:
         figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        evaluate.give_new_file_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -259,3 +259,24 @@ def test_threshold_override_needs_no_val_split(setup, tmp_path):
     without_override = dataclasses.replace(config, threshold=None, output_dir=str(tmp_path / "out2"))
     with pytest.raises(ValueError, match=r"'val'.*\['test'\]"):
         evaluate.evaluate(without_override)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_get_the_umask_mode_not_mkstemps_0600(tmp_path, umask):
+    import os
+    import stat
+
+    from matplotlib.figure import Figure
+
+    from cxr_tfdata import plots
+
+    previous = os.umask(umask)
+    try:
+        evaluate.write_text_atomic(str(tmp_path / "metrics.json"), "{}")
+        figure = Figure()
+        figure.add_subplot().plot([0, 1], [0, 1])
+        plots._save(figure, str(tmp_path / "roc.png"))
+    finally:
+        os.umask(previous)
+    for name in ("metrics.json", "roc.png"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
