@@ -70,6 +70,7 @@ def test_real_images_build_reads_back_through_tfds_with_exact_counts(tmp_path):
         patients_by_split[split] = {r["patient_id"] for r in records}
     assert not patients_by_split["train"] & patients_by_split["val"]
     assert not patients_by_split["train"] & patients_by_split["test"]
+    assert not patients_by_split["val"] & patients_by_split["test"]
     assert manifest["duplicates"] == {"within_split": [], "across_splits": []}  # none in this folder
     raw = next(iter(tf.data.TFRecordDataset(str(tmp_path / "out" / manifest["splits"]["val"]["shard_files"][0]))))
     parsed = tf.io.parse_single_example(raw, features.PARSE_SPEC)  # the schema readers use
