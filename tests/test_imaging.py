@@ -154,3 +154,16 @@ def test_build_settings_have_one_definition_that_every_tool_uses():
                      "tfrecords_builder/main.py"):
         source = (REPO_ROOT / relative).read_text()
         assert "imaging.DEFAULT_JPEG_QUALITY" in source and "95" not in source, relative
+
+
+def test_image_size_bounds_are_the_ones_the_trainer_accepts():
+    from cxr_tfdata import features
+    from tfrecords_builder import build
+
+    for size in (features.MIN_IMAGE_SIZE, 224, features.MAX_IMAGE_SIZE):
+        assert build.BuildConfig(input_dir="in", output_dir="out", image_size=size).image_size == size
+    for size in (8, features.MIN_IMAGE_SIZE - 1, features.MAX_IMAGE_SIZE + 1, 4096):
+        with pytest.raises(ValueError, match=r"--image_size: must be in \[32, 1024\]"):
+            build.BuildConfig(input_dir="in", output_dir="out", image_size=size)
+    with pytest.raises(ValueError, match="--image_size"):
+        imaging.EncodeOptions(image_size=0)

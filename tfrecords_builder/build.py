@@ -15,6 +15,7 @@ import time
 import tensorflow_datasets as tfds
 from absl import logging
 
+from cxr_tfdata import features
 from tfrecords_builder import imaging, manifest, plan, scan, writer
 
 _INCOMPLETE_MARK = ".incomplete-"
@@ -49,6 +50,9 @@ class BuildConfig:
 
         require(bool(self.input_dir), "input_dir", "is required")
         require(bool(self.output_dir), "output_dir", "is required")
+        require(features.MIN_IMAGE_SIZE <= self.image_size <= features.MAX_IMAGE_SIZE, "image_size",
+                f"must be in [{features.MIN_IMAGE_SIZE}, {features.MAX_IMAGE_SIZE}] (what cxr-train accepts), "
+                f"got {self.image_size}")
         require(self.resize in imaging.RESIZE_MODES, "resize",
                 f"must be one of {imaging.RESIZE_MODES}, got {self.resize!r}")
         require(0.0 <= self.val_fraction < 1.0, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")

@@ -43,8 +43,10 @@ class EncodeOptions:
     jpeg_quality: int = DEFAULT_JPEG_QUALITY
 
     def __post_init__(self):
-        if not 8 <= self.image_size <= 4096:
-            raise ValueError(f"--image_size: must be in [8, 4096], got {self.image_size}")
+        # The supported range (cxr_tfdata.features.MIN/MAX_IMAGE_SIZE) is checked by BuildConfig:
+        # importing features here would load TensorFlow into every converter worker.
+        if self.image_size < 1:
+            raise ValueError(f"--image_size: must be >= 1, got {self.image_size}")
         if self.encoding not in ENCODINGS:
             raise ValueError(f"--encoding: must be one of {ENCODINGS}, got {self.encoding!r}")
         if not 1 <= self.jpeg_quality <= 100:
