@@ -26,7 +26,7 @@ demo: install
 		--image_size=64 --num_shards=2
 	$(BIN)/cxr-verify-tfrecords --data_dir=$(DEMO_DIR)/records
 	$(BIN)/cxr-train --data_dir=$(DEMO_DIR)/records --model_dir=$(DEMO_DIR)/model \
-		--weights=none --image_size=64 --stage=both --frozen_epochs=2 --finetune_epochs=5 \
+		--weights=none --train_base --image_size=64 --stage=both --frozen_epochs=2 --finetune_epochs=5 \
 		--frozen_batch_size=32 --finetune_batch_size=16 --mixed_precision=auto
 	$(BIN)/cxr-evaluate --model=$(DEMO_DIR)/model/final.keras --data_dir=$(DEMO_DIR)/records \
 		--split=test --output_dir=$(DEMO_DIR)/eval
