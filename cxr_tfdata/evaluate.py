@@ -262,7 +262,9 @@ def operating_point(config: EvaluateConfig, val_predictions: SplitPredictions | 
     """The operating threshold: --threshold when given, else chosen on the val split for --target_recall."""
     if config.threshold is not None:
         return {"threshold": float(config.threshold), "chosen_by": "--threshold"}
-    assert val_predictions is not None
+    if val_predictions is None:
+        raise ValueError(f"choosing the operating threshold needs the {config.val_split!r} split's predictions "
+                         f"(or pass --threshold)")
     threshold = choose_operating_threshold(
         val_predictions.labels, val_predictions.probabilities, config.target_recall
     )

@@ -302,3 +302,12 @@ def test_split_losses_are_logged_with_shares_and_a_warning_above_five_percent(ca
     assert lines["split test"].levelno == logging.INFO
     assert lines["split test"].getMessage() == (
         "split test: 97 of 100 images written; 2 skipped as unreadable (2.0%), 1 dropped as leaks (1.0%)")
+
+
+def test_binary_unwritable_output_names_the_path_without_a_traceback(images, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = _run_binary(f"--input_dir={images}", f"--output_dir={blocker / 'out'}", "--image_size=32")
+    assert result.returncode == 1
+    assert f"cxr-build-tfrecords: error: {blocker}" in result.stderr
+    assert "Traceback" not in result.stderr

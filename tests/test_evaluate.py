@@ -287,3 +287,11 @@ def test_written_files_get_the_umask_mode_not_mkstemps_0600(tmp_path, umask):
         os.umask(previous)
     for name in ("metrics.json", "roc.png"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+def test_operating_point_without_val_predictions_is_an_error_not_an_assert(setup, tmp_path):
+    config = evaluate.EvaluateConfig(model_path=str(setup.model_path), data_dir=str(setup.data_dir),
+                                     output_dir=str(tmp_path / "out"))
+    assert config.threshold is None
+    with pytest.raises(ValueError, match="'val' split's predictions"):
+        evaluate.operating_point(config, None)

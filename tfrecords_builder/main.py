@@ -53,6 +53,10 @@ def main(argv):
     except (ValueError, scan.LayoutError, writer.BuildError) as e:
         logging.error("%s", e)
         sys.exit(f"cxr-build-tfrecords: error: {e}")
+    except OSError as e:  # e.g. --output_dir not writable: name the path rather than a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        logging.error("%s%s", where, e.strerror or e)
+        sys.exit(f"cxr-build-tfrecords: error: {where}{e.strerror or e}")
     if _VERIFY.value:
         report = verify.verify_dataset(config.output_dir)
         if not report.ok:
