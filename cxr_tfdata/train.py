@@ -487,23 +487,6 @@ def build_stage_model(config: TrainConfig, stage: StageConfig, state: dict[str, 
     return model
 
 
-def _fit(model, train, val, steps, stage, state, callbacks, config):
-    try:
-        return model.fit(
-            train, validation_data=val, epochs=stage.epochs, initial_epoch=state["epochs_completed"],
-            steps_per_epoch=steps, callbacks=callbacks, verbose=2, shuffle=False,  # tf.data shuffles
-        )
-    except input_pipeline.CorruptShardError:
-        raise
-    except tf.errors.DataLossError as e:
-        corrupt = [f"{path} ({reason})" for split in ("train", "val")
-                   for path, reason in input_pipeline.find_corrupt_shards(config.data.data_dir, split)]
-        raise RuntimeError(
-            f"corrupt input while training: {', '.join(corrupt) or 'no shard found corrupt on re-read'}"
-            f"; rebuild the dataset with cxr-build-tfrecords"
-        ) from e
-
-
 def run_stage(config: TrainConfig, stage: StageConfig, strategy: tf.distribute.Strategy,
               class_weights: dict[int, float] | None, extra_callbacks=()) -> dict[str, float]:
     """Trains one stage to completion (or resumes it) and returns its best model's val metrics."""
@@ -528,7 +511,11 @@ def run_stage(config: TrainConfig, stage: StageConfig, strategy: tf.distribute.S
     callbacks += list(extra_callbacks)
     started = time.monotonic()
     if not state["stop_training"] and state["epochs_completed"] < stage.epochs:
-        _fit(model, train, val, steps, stage, state, callbacks, config)
+        # A corrupt shard stops fit with the pipeline's InvalidArgumentError naming the shard.
+        model.fit(
+            train, validation_data=val, epochs=stage.epochs, initial_epoch=state["epochs_completed"],
+            steps_per_epoch=steps, callbacks=callbacks, verbose=2, shuffle=False,  # tf.data shuffles
+        )
         # EarlyStopping(restore_best_weights) has put the best epoch's weights back.
     else:
         model.set_weights(_load_model_weights(paths.best_model, "no epoch of this stage completed"))
@@ -547,6 +534,21 @@ def _record_stage_metrics(model_dir: str, stage: str, metrics: dict[str, Any]) -
     all_metrics = _read_json(path) if os.path.exists(path) else {}
     all_metrics[stage] = metrics
     write_json_atomic(path, all_metrics)
+
+
+def op_error_summary(message: str) -> str:
+    """The cause in a TensorFlow error message, in one line: e.g. the input pipeline's assertion
+    naming a corrupt shard, without the "Graph execution error" preamble, the node's stack, the
+    tf.data iterator path and the op names TensorFlow adds."""
+    noise = ("Graph execution error", "Detected at node", "File ", "[[", "<stack traces unavailable>")
+    lines = [line.strip() for line in message.splitlines()]
+    cause = next((line for line in lines if line and not line.startswith(noise)), " ".join(message.split()))
+    if "with iterator: " in cause:  # raised in a tf.data function: "...with iterator: <path>: <cause>"
+        cause = cause.split("with iterator: ", 1)[1].partition(": ")[2] or cause
+    cause = cause.split(" [Op:")[0].strip()
+    if cause.startswith("assertion failed: [") and cause.endswith("]"):
+        cause = cause[len("assertion failed: ["):-1]
+    return cause.replace("\\'", "'")  # tf.debugging.Assert prints strings with quotes escaped
 
 
 def _check_weights_before_data(config: TrainConfig) -> None:

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 
 import keras
 import numpy as np
@@ -153,7 +154,8 @@ def test_saved_models_compute_in_float32_whatever_policy_trained_them(frozen_run
     # The float32 copy holds the trained weights: its val loss is the one the bfloat16 model had.
     model = keras.saving.load_model(str(model_dir / "frozen_best.keras"), safe_mode=True)
     model.compile(loss=keras.losses.BinaryCrossentropy())
-    val = input_pipeline.create_dataset(config.data, "val", 8, training=False)
+    val = input_pipeline.create_dataset(config.data, "val", 8, training=False).apply(
+        tf.data.experimental.assert_cardinality(1))  # the 8 val images
     val_loss = model.evaluate(val, verbose=0, return_dict=True)["loss"]
     assert val_loss == pytest.approx(metrics["frozen"]["val_loss"], rel=0.03, abs=0.01)
 
@@ -314,7 +316,28 @@ def test_corrupt_train_shard_is_named(tmp_path):
     payload[middle : middle + 16] = bytes(16)  # a record's bytes no longer match its CRC
     shard.write_bytes(bytes(payload))
     config = dataclasses.replace(_config(str(data_dir), tmp_path / "model"), steps_per_epoch=2)
-    # The pipeline's checked reader (an in-graph assert) or the trainer's DataLossError handler:
-    # either way the error names the shard.
-    with pytest.raises(Exception, match=shard.name):  # noqa: B017 -- the message is the point
+    # The pipeline's checked reader fails with an in-graph assertion naming the shard.
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=f"TFRecord shard {re.escape(str(shard))} is truncated or corrupted"):
         train.train_and_evaluate(config)
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("Graph execution error:\n\nDetected at node Assert/Assert defined at (most recent call last):\n"
+     "<stack traces unavailable>\nError in user-defined function passed to MapDataset:30 transformation "
+     "with iterator: Iterator::Root::Prefetch::Map: assertion failed: [TFRecord shard /d/a.tfrecord is "
+     "truncated (TensorFlow\\'s reason)]\n\t [[{{node Assert/Assert}}]]\n\t [[IteratorGetNext]] "
+     "[Op:__inference_multi_step_on_iterator_12624]",
+     "TFRecord shard /d/a.tfrecord is truncated (TensorFlow's reason)"),
+    ("Graph execution error:\n\nDetected at node Assert defined at (most recent call last):\n"
+     "  File \"x.py\", line 1, in <module>\n\nassertion failed: [TFRecord shard /d/a.tfrecord is bad]\n"
+     "\t [[{{node Assert}}]]\n\t [[IteratorGetNext]] [Op:__inference_multi_step_on_iterator_9]",
+     "TFRecord shard /d/a.tfrecord is bad"),
+    ("/d/cache.lockfile; No such file or directory [Op:IteratorGetNext]",
+     "/d/cache.lockfile; No such file or directory"),
+    ("Graph execution error:\n\nDetected at node Decode defined at (most recent call last):\n"
+     "  File \"x.py\", line 1, in <module>\n\nInvalid PNG data\n\t [[{{node Decode}}]] [Op:f]",
+     "Invalid PNG data"),
+])
+def test_tensorflow_errors_are_summarized_in_one_line(message, expected):
+    assert train.op_error_summary(message) == expected

@@ -134,3 +134,22 @@ def test_killed_run_resumes_from_its_last_completed_epoch(data_dir, tmp_path):
     assert state["completed"] and [row["epoch"] for row in state["history"]] == [0, 1, 2]
     assert state["best_val_loss"] <= committed["best_val_loss"]
     assert (model_dir / "frozen_best.keras").is_file() and (model_dir / "final.keras").is_file()
+
+
+@pytest.mark.slow
+def test_corrupt_shard_fails_in_one_line_naming_it(tmp_path):
+    data_dir = tmp_path / "records"
+    manifest = write_tiny_dataset(data_dir, {"train": (8, 8), "val": (2, 2)}, image_size=IMAGE_SIZE)
+    shard = data_dir / manifest["splits"]["train"]["shard_files"][0]
+    payload = bytearray(shard.read_bytes())
+    payload[len(payload) // 2 : len(payload) // 2 + 16] = bytes(16)  # a record no longer matches its CRC
+    shard.write_bytes(bytes(payload))
+    result = _run([f"--data_dir={data_dir}", f"--model_dir={tmp_path / 'model'}", "--weights=none",
+                   "--stage=frozen", "--frozen_epochs=1", "--frozen_batch_size=4", "--augment=none",
+                   "--mixed_precision=float32"], tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("cxr-train: error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert f"TFRecord shard {shard} is truncated or corrupted" in errors[0]
+    assert result.stderr.rstrip().endswith(errors[0])  # nothing of the TensorFlow message after it

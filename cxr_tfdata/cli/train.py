@@ -147,6 +147,8 @@ def main(argv):
     except (ValueError, FileNotFoundError) as e:
         print(f"cxr-train: error: {e}", file=sys.stderr)
         return 1
+    import tensorflow as tf
+
     from cxr_tfdata import model as model_lib
     from cxr_tfdata import train
 
@@ -154,6 +156,9 @@ def main(argv):
         metrics = train.train_and_evaluate(config, overwrite=_OVERWRITE.value)
     except (ValueError, FileNotFoundError, model_lib.WeightsUnavailableError) as e:
         print(f"cxr-train: error: {e}", file=sys.stderr)
+        return 1
+    except tf.errors.OpError as e:  # e.g. a corrupt shard: the pipeline's message names it
+        print(f"cxr-train: error: {train.op_error_summary(e.message)}", file=sys.stderr)
         return 1
     logging.info("Done: %s", config.model_dir)
     print(json.dumps(metrics, indent=2, sort_keys=True))
