@@ -173,7 +173,11 @@ def test_finetune_stage_starts_from_frozen_best_and_learns(frozen_run, data_dir)
     assert _digest(model_dir / "frozen_best.keras") == frozen_digest
     assert _digest(model_dir / "final.keras") == _digest(model_dir / "finetune_best.keras")
     model = keras.saving.load_model(str(model_dir / "final.keras"), safe_mode=True)
-    assert model.get_layer("head_batch_norm") is not None
+    # The finetune head's BatchNormalization is saved with the statistics it learned (it starts at 0/1).
+    head = model.get_layer("head_batch_norm")
+    assert isinstance(head, keras.layers.BatchNormalization)
+    assert np.any(keras.ops.convert_to_numpy(head.moving_mean) != 0.0)
+    assert np.any(keras.ops.convert_to_numpy(head.moving_variance) != 1.0)
     assert set(json.loads((model_dir / "metrics.json").read_text())) == {"frozen", "finetune"}
     assert metrics["finetune"]["epochs_run"] == 2
 
