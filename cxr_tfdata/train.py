@@ -44,8 +44,10 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 FINAL_MODEL_FILE = "final.keras"
 MONITOR = "val_loss"
-# Settings a run may be restarted with a different value of.
-RESTARTABLE_WITH_OTHER = {"stage"}
+# Settings a run may be resumed with other values of (config.json keys): the stage to run, and
+# how data is cached and steps are compiled and placed, which change speed but not what is
+# learned. (The batch size is per replica: a different replica count changes the global batch.)
+RESTARTABLE_WITH_OTHER = {"stage", "data.cache", "data.cache_dir", "jit_compile", "distribution"}
 TEMPORARY_PREFIX = ".tmp-"
 
 
@@ -159,7 +161,10 @@ def prepare_model_dir(config: TrainConfig, overwrite: bool = False) -> None:
     if os.path.exists(path) and not overwrite:
         existing = _read_json(path)
         # The stage may differ: --stage=frozen, then --stage=finetune, is one run in two steps.
-        differing = sorted(set(_differing_keys(existing, wanted)) - RESTARTABLE_WITH_OTHER)
+        changed = set(_differing_keys(existing, wanted))
+        differing = sorted(changed - RESTARTABLE_WITH_OTHER)
+        if changed and not differing:
+            logging.info("Resuming %s with other %s", config.model_dir, ", ".join(sorted(changed)))
         if differing:
             raise ConfigMismatchError(
                 f"--model_dir={config.model_dir} holds a run with different settings "

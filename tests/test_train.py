@@ -194,6 +194,20 @@ def test_restart_with_different_settings_is_refused_naming_them(data_dir, tmp_pa
     assert json.loads((tmp_path / "config.json").read_text())["steps_per_epoch"] == 3
 
 
+def test_resume_may_change_settings_that_do_not_change_results(data_dir, tmp_path):
+    train.prepare_model_dir(_config(data_dir, tmp_path))
+    cache_dir = str(tmp_path / "cache")
+    faster = _config(data_dir, tmp_path, stage="finetune", jit_compile=True, distribution="default")
+    faster = dataclasses.replace(faster, data=dataclasses.replace(faster.data, cache="file", cache_dir=cache_dir))
+    train.prepare_model_dir(faster)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["jit_compile"] and written["distribution"] == "default"
+    assert (written["data"]["cache"], written["data"]["cache_dir"]) == ("file", cache_dir)
+    with pytest.raises(train.ConfigMismatchError, match=r"\(data\.shuffle_buffer;"):
+        train.prepare_model_dir(dataclasses.replace(
+            faster, data=dataclasses.replace(faster.data, shuffle_buffer=7)))
+
+
 def test_overwrite_removes_every_output_of_the_earlier_run_and_nothing_else(data_dir, tmp_path):
     train.prepare_model_dir(_config(data_dir, tmp_path))
     files, directories = train.run_output_paths(str(tmp_path))
