@@ -311,3 +311,37 @@ def test_binary_unwritable_output_names_the_path_without_a_traceback(images, tmp
     assert result.returncode == 1
     assert f"cxr-build-tfrecords: error: {blocker}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _old_dataset(path):
+    path.mkdir()
+    (path / "manifest.json").write_text('{"old": true}')
+    return path
+
+
+def test_overwrite_interrupted_between_the_renames_keeps_the_old_dataset(images, tmp_path, monkeypatch):
+    out = _old_dataset(tmp_path / "out")
+    real_rename = os.rename
+
+    def rename_then_die(source, target):
+        if str(target) == str(out) and os.path.basename(source) == "dataset":
+            raise KeyboardInterrupt  # after the old dataset moved aside, before the new one moved in
+        return real_rename(source, target)
+
+    monkeypatch.setattr(os, "rename", rename_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        build.build_dataset(_config(images, out, overwrite=True))
+    assert (out / "manifest.json").read_text() == '{"old": true}'
+    assert sorted(os.listdir(tmp_path)) == ["images", "out"]
+
+
+def test_a_dataset_left_aside_by_a_killed_overwrite_is_restored_by_the_next_run(images, tmp_path, caplog):
+    previous = _old_dataset(tmp_path / ".out.previous-999999999")  # the killed run's pid
+    with caplog.at_level(logging.INFO, logger="absl"), pytest.raises(writer.BuildError, match="already exists"):
+        build.build_dataset(_config(images, tmp_path / "out"))
+    assert (tmp_path / "out" / "manifest.json").read_text() == '{"old": true}' and not previous.exists()
+    assert any("restored" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    # The swap had completed: the leftover is the replaced dataset and goes.
+    _old_dataset(previous)
+    build.build_dataset(_config(images, tmp_path / "out", overwrite=True))
+    assert sorted(os.listdir(tmp_path)) == ["images", "out"]

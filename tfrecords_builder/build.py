@@ -2,7 +2,9 @@
 
 Everything is written into a hidden sibling of output_dir (`.<name>.incomplete-<pid>`) and renamed
 into place only when complete, manifest.json last; on any error that folder is removed, and one
-left by a killed run is removed by the next build.
+left by a killed run is removed by the next build. With --overwrite the old dataset is moved to
+another sibling (`.<name>.previous-<pid>`, never inside the staging folder) for the instant of the
+swap: a run killed in between leaves it there, and the next build puts it back.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from cxr_tfdata import features
 from tfrecords_builder import imaging, manifest, plan, scan, writer
 
 _INCOMPLETE_MARK = ".incomplete-"
+_PREVIOUS_MARK = ".previous-"
 # A split losing more than this share of its files (unreadable, or dropped as leaks) is warned about.
 LOSS_WARNING_FRACTION = 0.05
 
@@ -85,6 +88,28 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _recover_interrupted_swap(output_dir: str) -> None:
+    """Puts back a previous dataset that a killed --overwrite run had moved aside.
+
+    Only when output_dir is missing (the run died between the two renames); when output_dir is
+    there the swap completed and the leftover is the replaced dataset, which is removed.
+    """
+    parent, name = os.path.split(output_dir)
+    prefix = f".{name}{_PREVIOUS_MARK}"
+    for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        pid_text = entry[len(prefix):] if entry.startswith(prefix) else ""
+        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+            continue
+        previous = os.path.join(parent, entry)
+        if not os.path.exists(output_dir):
+            os.rename(previous, output_dir)
+            logging.warning("restored %s from %s: an --overwrite build was interrupted while swapping "
+                            "datasets", output_dir, previous)
+        else:
+            logging.info("removing %s, replaced by a completed --overwrite build", previous)
+            shutil.rmtree(previous, ignore_errors=True)
+
+
 def _remove_stale_staging(output_dir: str) -> None:
     """Removes staging folders of builds of the same output that were killed."""
     parent, name = os.path.split(output_dir)
@@ -119,11 +144,23 @@ def _write_tfds(config: BuildConfig, the_plan: plan.Plan, hashes: dict[str, str 
     return builder, dataset_dir
 
 
-def _swap_into_place(dataset_dir: str, output_dir: str, staging: str) -> None:
+def _swap_into_place(dataset_dir: str, output_dir: str) -> None:
+    """Renames the finished dataset to output_dir; an old one (--overwrite) is removed only after.
+
+    The old dataset waits in a sibling of its own rather than in the staging folder, which is
+    deleted on any error: if the process dies between the renames, it is still there.
+    """
+    parent, name = os.path.split(output_dir)
+    previous = os.path.join(parent, f".{name}{_PREVIOUS_MARK}{os.getpid()}")
     if os.path.exists(output_dir):
-        # --overwrite: the old dataset stays whole until the new one is complete beside it.
-        os.rename(output_dir, os.path.join(staging, "previous"))
-    os.rename(dataset_dir, output_dir)
+        os.rename(output_dir, previous)
+    try:
+        os.rename(dataset_dir, output_dir)
+    except BaseException:
+        if os.path.exists(previous) and not os.path.exists(output_dir):
+            os.rename(previous, output_dir)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def log_split_losses(splits: dict) -> None:
@@ -151,6 +188,7 @@ def build_dataset(config: BuildConfig) -> dict:
     input_dir, output_dir = os.path.abspath(config.input_dir), os.path.abspath(config.output_dir)
     config = dataclasses.replace(config, input_dir=input_dir, output_dir=output_dir)
     by_split, strays = scan.scan_input(input_dir)
+    _recover_interrupted_swap(output_dir)
     if os.path.exists(output_dir) and not config.overwrite:
         raise writer.BuildError(f"output dir {output_dir} already exists; pass --overwrite to replace it")
     os.makedirs(os.path.dirname(output_dir), exist_ok=True)
@@ -168,7 +206,7 @@ def build_dataset(config: BuildConfig) -> dict:
         content = manifest.make_manifest(config, the_plan, builder, strays, dataset_dir,
                                          time.monotonic() - start)
         manifest.write_manifest(dataset_dir, content)  # last: its presence marks a complete dataset
-        _swap_into_place(dataset_dir, output_dir, staging)
+        _swap_into_place(dataset_dir, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log_split_losses(content["splits"])
