@@ -81,7 +81,8 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
        "image_size": 224, "channels": 1, "encoding": "jpeg"|"png",
        "class_names": ["NORMAL", "PNEUMONIA"],
        "splits": {"train": {"num_examples": int, "class_counts": {"NORMAL": int, "PNEUMONIA": int},
-                            "num_patients": int, "shard_files": ["relative/path-00000-of-00004", ...]},
+                            "num_patients": int, "num_skipped": int, "num_dropped_leaks": int,
+                            "shard_files": ["relative/path-00000-of-00004", ...]},
                   "val": {...}, "test": {...}},
        "flags": {...}, "skipped": [{"path": str, "reason": str}, ...],
        "duplicates": {...}}
