@@ -8,6 +8,7 @@ Files in `config.model_dir`:
   metrics.json                     val metrics of each stage's best model
   logs/<stage>/                    TensorBoard
   checkpoints/<stage>_last.weights.h5, checkpoints/<stage>_state.json   resume state
+  checkpoints/<stage>_best-epoch<N>.keras   a new best model until the state file commits its epoch
 Every file is written to a temporary name in the same directory and renamed into place, so a kill
 at any moment leaves either the old or the new version, never half a file.
 
@@ -15,13 +16,15 @@ Resume: the per-epoch checkpoint holds the model and optimizer variables (Keras 
 includes the optimizer of a compiled model); the state file holds the epoch, the best val_loss, the
 EarlyStopping and ReduceLROnPlateau counters and the learning rate, which Keras' own
 BackupAndRestore does not keep. A restarted run reloads both and continues at the next epoch; the
-best model is only replaced when val_loss improves on the persisted best.
+best model is only replaced when val_loss improves on the persisted best, and only once the state
+file that records that epoch as the best is written (a kill in between is settled on restart).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import glob
 import importlib.util
 import io
 import json
@@ -62,6 +65,14 @@ class StagePaths:
     state: str
     history_csv: str
     log_dir: str
+    pending_best_prefix: str
+
+    def pending_best_model(self, epoch: int) -> str:
+        """Where epoch's new best model waits for the state file that commits it."""
+        return f"{self.pending_best_prefix}{epoch}.keras"
+
+    def pending_best_models(self) -> list[str]:
+        return glob.glob(glob.escape(self.pending_best_prefix) + "*.keras")
 
 
 def stage_paths(model_dir: str, stage: str) -> StagePaths:
@@ -72,6 +83,7 @@ def stage_paths(model_dir: str, stage: str) -> StagePaths:
         state=os.path.join(checkpoints, f"{stage}_state.json"),
         history_csv=os.path.join(model_dir, f"history_{stage}.csv"),
         log_dir=os.path.join(model_dir, "logs", stage),
+        pending_best_prefix=os.path.join(checkpoints, f"{stage}_best-epoch"),
     )
 
 
@@ -133,7 +145,8 @@ def run_output_paths(model_dir: str) -> tuple[list[str], list[str]]:
 def _remove_run_outputs(model_dir: str) -> None:
     """Deletes an earlier run's outputs, and only those: other files in model_dir are the user's."""
     files, directories = run_output_paths(model_dir)
-    for path in files:
+    pending = [path for stage in model_lib.STAGES for path in stage_paths(model_dir, stage).pending_best_models()]
+    for path in pending + files:
         if os.path.lexists(path):
             os.remove(path)
     for path in directories:
@@ -291,9 +304,11 @@ def _learning_rate(model: keras.Model) -> float:
 
 
 class StageCheckpoint(keras.callbacks.Callback):
-    """At each epoch end: best model if val_loss improved on the persisted best, history CSV,
-    last weights (model + optimizer), then the state file, in that order (the state file is
-    the commit point: a kill before it costs at most the epoch that was being saved)."""
+    """At each epoch end: the new best model (if val_loss improved on the persisted best) to a
+    pending name, history CSV, last weights (model + optimizer), the state file, and then the
+    pending best model renamed into place. The state file is the commit point: a kill before it
+    costs at most the epoch being saved, and `settle_pending_best` finishes or drops the rename
+    on restart, so the best model always belongs to the state's best epoch."""
 
     def __init__(self, paths: StagePaths, state: dict[str, Any], early_stopping, reduce_lr,
                  export_model: keras.Model | None = None):
@@ -313,14 +328,13 @@ class StageCheckpoint(keras.callbacks.Callback):
         if val_loss is None:
             raise ValueError(f"no {MONITOR} in the epoch logs {sorted(logs)}: validation did not run")
         best = self.state["best_val_loss"]
-        if best is None or val_loss < best:
+        improved = best is None or val_loss < best
+        if improved:
             if self.export_model is not None:
                 self.export_model.set_weights(self.model.get_weights())
-            save_model_atomic(self.export_model or self.model, self.paths.best_model)
+            save_model_atomic(self.export_model or self.model, self.paths.pending_best_model(epoch))
             self.state["best_val_loss"] = val_loss
             self.state["best_epoch"] = epoch
-            logging.info("Epoch %d: val_loss %.5f improved on %s, saved %s", epoch + 1, val_loss, best,
-                         self.paths.best_model)
         self.state["history"].append({"epoch": epoch, **logs})
         write_text_atomic(self.paths.history_csv, history_csv_text(self.state["history"]))
         save_weights_atomic(self.model, self.paths.last_weights)
@@ -332,6 +346,22 @@ class StageCheckpoint(keras.callbacks.Callback):
             reduce_lr=self.reduce_lr.get_state(),
         )
         write_json_atomic(self.paths.state, self.state)
+        if improved:
+            os.replace(self.paths.pending_best_model(epoch), self.paths.best_model)
+            logging.info("Epoch %d: val_loss %.5f improved on %s, saved %s", epoch + 1, val_loss, best,
+                         self.paths.best_model)
+
+
+def settle_pending_best(paths: StagePaths, state: dict[str, Any]) -> None:
+    """After a kill between the state file and the best model's rename: renames in the pending
+    best model of the state's committed best epoch, and deletes any other (uncommitted) one."""
+    committed = paths.pending_best_model(state["best_epoch"]) if state["best_epoch"] is not None else None
+    for path in paths.pending_best_models():
+        if path == committed:
+            os.replace(path, paths.best_model)
+            logging.info("Restored %s from the committed epoch %d", paths.best_model, state["best_epoch"] + 1)
+        else:
+            os.remove(path)
 
 
 def history_csv_text(rows: Sequence[dict[str, Any]]) -> str:
@@ -497,6 +527,7 @@ def run_stage(config: TrainConfig, stage: StageConfig, strategy: tf.distribute.S
     """Trains one stage to completion (or resumes it) and returns its best model's val metrics."""
     paths = stage_paths(config.model_dir, stage.name)
     state = _read_json(paths.state) if os.path.exists(paths.state) else initial_stage_state(stage)
+    settle_pending_best(paths, state)
     if state["completed"]:
         logging.info("Stage %s already completed in %s; not rerun", stage.name, config.model_dir)
         return _read_json(os.path.join(config.model_dir, METRICS_FILE))[stage.name]

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 
 import keras
 import numpy as np
@@ -219,6 +220,8 @@ def test_overwrite_removes_every_output_of_the_earlier_run_and_nothing_else(data
         with open(os.path.join(path, "events.out.tfevents"), "w") as f:
             f.write("stale")
     (tmp_path / "notes.txt").write_text("the user's")
+    with open(train.stage_paths(str(tmp_path), "finetune").pending_best_model(3), "w") as f:
+        f.write("stale")
     (tmp_path / "checkpoints" / "mine.txt").write_text("the user's")
     train.prepare_model_dir(_config(data_dir, tmp_path), overwrite=True)
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
@@ -288,6 +291,49 @@ def test_best_model_is_replaced_only_when_val_loss_improves_on_the_persisted_bes
     saved = _state(tmp_path, "frozen")
     assert saved["best_val_loss"] == pytest.approx(0.4) and saved["best_epoch"] == 4
     assert [int(row["epoch"]) for row in _history(tmp_path, "frozen")] == [3, 4]
+
+
+def _checkpoint_callback(paths, state, model):
+    callbacks = train.stage_callbacks(StageConfig(), paths, state)
+    for c in callbacks:
+        c.set_model(model)
+        c.on_train_begin()
+    return next(c for c in callbacks if isinstance(c, train.StageCheckpoint))
+
+
+def test_best_model_always_belongs_to_the_committed_best_epoch(tmp_path, monkeypatch):
+    paths = train.stage_paths(str(tmp_path), "frozen")
+    os.makedirs(os.path.dirname(paths.state))
+    model = _tiny_compiled_model()
+    _checkpoint_callback(paths, train.initial_stage_state(StageConfig()), model).on_epoch_end(
+        0, {"loss": 0.7, "val_loss": 0.6})
+    epoch0_model = _digest(paths.best_model)
+    model.set_weights([w + 1.0 for w in model.get_weights()])  # epoch 1 learned something better
+
+    def killed(path, obj):
+        raise Interrupted(f"killed before writing {path}")
+
+    # Killed after saving epoch 1's better model, before the state file committed epoch 1.
+    committed = train._read_json(paths.state)
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "write_json_atomic", killed)
+        with pytest.raises(Interrupted):
+            _checkpoint_callback(paths, committed, model).on_epoch_end(1, {"loss": 0.5, "val_loss": 0.4})
+    assert _digest(paths.best_model) == epoch0_model
+    restarted = train._read_json(paths.state)
+    assert restarted["best_epoch"] == 0
+    train.settle_pending_best(paths, restarted)
+    assert _digest(paths.best_model) == epoch0_model and not paths.pending_best_models()
+    shutil.copyfile(paths.best_model, tmp_path / "epoch0.keras")
+
+    # Killed after the state file committed epoch 1 as the best, before its model was renamed in.
+    _checkpoint_callback(paths, restarted, model).on_epoch_end(1, {"loss": 0.5, "val_loss": 0.4})
+    epoch1_model = _digest(paths.best_model)
+    assert epoch1_model != epoch0_model
+    os.replace(paths.best_model, paths.pending_best_model(1))
+    shutil.copyfile(tmp_path / "epoch0.keras", paths.best_model)
+    train.settle_pending_best(paths, train._read_json(paths.state))
+    assert _digest(paths.best_model) == epoch1_model and not paths.pending_best_models()
 
 
 def test_callback_state_survives_a_restart(tmp_path):
