@@ -13,6 +13,9 @@ from typing import Any
 AUGMENT_PLACEMENTS = ("cpu", "device", "none")
 CACHE_MODES = ("memory", "file", "off")
 FILL_MODES = ("nearest", "constant", "reflect", "wrap")
+# Image sizes the converter writes and the trainer accepts.
+MIN_IMAGE_SIZE = 32
+MAX_IMAGE_SIZE = 1024
 
 
 def _require(condition: bool, flag: str, message: str) -> None:
@@ -70,7 +73,8 @@ class DataConfig:
 
     def __post_init__(self):
         _require(bool(self.data_dir), "data_dir", "is required")
-        _require(32 <= self.image_size <= 1024, "image_size", f"must be in [32, 1024], got {self.image_size}")
+        _require(MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE, "image_size",
+                 f"must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {self.image_size}")
         _require(self.cache in CACHE_MODES, "cache", f"must be one of {CACHE_MODES}, got {self.cache!r}")
         _require(self.cache != "file" or bool(self.cache_dir), "cache_dir", "is required with --cache=file")
         _require(self.shuffle_buffer >= 1, "shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")

@@ -17,11 +17,6 @@ import tensorflow as tf
 CLASS_NAMES: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
 POSITIVE_CLASS = "PNEUMONIA"
 
-# Image sizes (square side, pixels) that both the converter and the trainer accept, so a dataset
-# the converter writes is always one the trainer can read.
-MIN_IMAGE_SIZE = 32
-MAX_IMAGE_SIZE = 1024
-
 # Feature keys, as tensorflow-datasets serializes a flat FeaturesDict.
 IMAGE = "image"  # encoded JPEG or PNG, single channel, image_size x image_size
 LABEL = "label"  # int64 index into CLASS_NAMES

@@ -157,12 +157,12 @@ def test_build_settings_have_one_definition_that_every_tool_uses():
 
 
 def test_image_size_bounds_are_the_ones_the_trainer_accepts():
-    from cxr_tfdata import features
+    from cxr_tfdata import config as cxr_config
     from tfrecords_builder import build
 
-    for size in (features.MIN_IMAGE_SIZE, 224, features.MAX_IMAGE_SIZE):
+    for size in (cxr_config.MIN_IMAGE_SIZE, 224, cxr_config.MAX_IMAGE_SIZE):
         assert build.BuildConfig(input_dir="in", output_dir="out", image_size=size).image_size == size
-    for size in (8, features.MIN_IMAGE_SIZE - 1, features.MAX_IMAGE_SIZE + 1, 4096):
+    for size in (8, cxr_config.MIN_IMAGE_SIZE - 1, cxr_config.MAX_IMAGE_SIZE + 1, 4096):
         with pytest.raises(ValueError, match=r"--image_size: must be in \[32, 1024\]"):
             build.BuildConfig(input_dir="in", output_dir="out", image_size=size)
     with pytest.raises(ValueError, match="--image_size"):

@@ -17,7 +17,7 @@ import time
 import tensorflow_datasets as tfds
 from absl import logging
 
-from cxr_tfdata import features
+from cxr_tfdata import config as cxr_config
 from tfrecords_builder import imaging, manifest, plan, scan, writer
 
 _INCOMPLETE_MARK = ".incomplete-"
@@ -53,8 +53,8 @@ class BuildConfig:
 
         require(bool(self.input_dir), "input_dir", "is required")
         require(bool(self.output_dir), "output_dir", "is required")
-        require(features.MIN_IMAGE_SIZE <= self.image_size <= features.MAX_IMAGE_SIZE, "image_size",
-                f"must be in [{features.MIN_IMAGE_SIZE}, {features.MAX_IMAGE_SIZE}] (what cxr-train accepts), "
+        require(cxr_config.MIN_IMAGE_SIZE <= self.image_size <= cxr_config.MAX_IMAGE_SIZE, "image_size",
+                f"must be in [{cxr_config.MIN_IMAGE_SIZE}, {cxr_config.MAX_IMAGE_SIZE}] (what cxr-train accepts), "
                 f"got {self.image_size}")
         require(self.resize in imaging.RESIZE_MODES, "resize",
                 f"must be one of {imaging.RESIZE_MODES}, got {self.resize!r}")

@@ -43,7 +43,7 @@ class EncodeOptions:
     jpeg_quality: int = DEFAULT_JPEG_QUALITY
 
     def __post_init__(self):
-        # The supported range (cxr_tfdata.features.MIN/MAX_IMAGE_SIZE) is checked by BuildConfig:
+        # The supported range (cxr_tfdata.config.MIN/MAX_IMAGE_SIZE) is checked by BuildConfig:
         # importing features here would load TensorFlow into every converter worker.
         if self.image_size < 1:
             raise ValueError(f"--image_size: must be >= 1, got {self.image_size}")
