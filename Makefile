@@ -30,9 +30,11 @@ demo: install
 		--frozen_batch_size=32 --finetune_batch_size=16 --mixed_precision=auto
 	$(BIN)/cxr-evaluate --model=$(DEMO_DIR)/model/final.keras --data_dir=$(DEMO_DIR)/records \
 		--split=test --output_dir=$(DEMO_DIR)/eval
-	$(BIN)/cxr-predict --model=$(DEMO_DIR)/model/final.keras --output_csv=$(DEMO_DIR)/predictions.csv \
+	$(BIN)/cxr-predict --model=$(DEMO_DIR)/model/final.keras --data_dir=$(DEMO_DIR)/records \
+		--output_csv=$(DEMO_DIR)/predictions.csv \
 		$(DEMO_DIR)/images/test
-	$(BIN)/cxr-export --model=$(DEMO_DIR)/model/final.keras --output_dir=$(DEMO_DIR)/export
+	$(BIN)/cxr-export --model=$(DEMO_DIR)/model/final.keras --data_dir=$(DEMO_DIR)/records \
+		--output_dir=$(DEMO_DIR)/export
 	@echo "demo outputs in $(DEMO_DIR)/: records, model, eval/metrics.json, eval/report.md, predictions.csv, export"
 
 test: install
