@@ -46,17 +46,11 @@ class ExportConfig:
             raise ValueError("--model: is required")
         if not self.output_dir:
             raise ValueError("--output_dir: is required")
-        if self.resize not in imaging.RESIZE_MODES:
-            raise ValueError(f"--resize: must be one of {imaging.RESIZE_MODES}, got {self.resize!r}")
-        if self.record_encoding not in imaging.ENCODINGS:
-            raise ValueError(f"--record_encoding: must be one of {imaging.ENCODINGS}, got {self.record_encoding!r}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"--jpeg_quality: must be in [1, 100], got {self.jpeg_quality}")
+        _ = self.records  # validates resize, record_encoding and jpeg_quality
 
     @property
-    def round_trip_quality(self) -> int | None:
-        """The JPEG quality of the records' round trip; None for lossless (png) records."""
-        return self.jpeg_quality if self.record_encoding == "jpeg" else None
+    def records(self) -> predict.RecordSettings:
+        return predict.RecordSettings(self.resize, self.record_encoding, self.jpeg_quality)
 
 
 def _resize_rounded(image: tf.Tensor, height, width) -> tf.Tensor:
@@ -173,4 +167,4 @@ def export(config: ExportConfig) -> str:
     image_size = model_io.model_image_size(model, config.model_path)
     predict.check_dataset_image_size(image_size, config.model_path, config.data_dir)
     return export_saved_model(model, config.output_dir, config.overwrite, pad=config.resize == "pad",
-                              jpeg_quality=config.round_trip_quality)
+                              jpeg_quality=config.records.round_trip_quality)

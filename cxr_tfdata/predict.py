@@ -36,6 +36,19 @@ class RecordSettings:
     record_encoding: str = imaging.DEFAULT_ENCODING
     jpeg_quality: int = imaging.DEFAULT_JPEG_QUALITY
 
+    def __post_init__(self):
+        if self.resize not in imaging.RESIZE_MODES:
+            raise ValueError(f"--resize: must be one of {imaging.RESIZE_MODES}, got {self.resize!r}")
+        if self.record_encoding not in imaging.ENCODINGS:
+            raise ValueError(f"--record_encoding: must be one of {imaging.ENCODINGS}, got {self.record_encoding!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"--jpeg_quality: must be in [1, 100], got {self.jpeg_quality}")
+
+    @property
+    def round_trip_quality(self) -> int | None:
+        """The JPEG quality of the records' round trip; None for lossless (png) records."""
+        return self.jpeg_quality if self.record_encoding == "jpeg" else None
+
 
 def record_settings(data_dir: str = "", *, resize: str | None = None, record_encoding: str | None = None,
                     jpeg_quality: int | None = None) -> RecordSettings:
@@ -96,16 +109,11 @@ class PredictConfig:
             raise ValueError("--model: is required")
         if not self.paths:
             raise ValueError("no image files or folders given (pass them as arguments)")
-        if self.resize not in imaging.RESIZE_MODES:
-            raise ValueError(f"--resize: must be one of {imaging.RESIZE_MODES}, got {self.resize!r}")
+        RecordSettings(self.resize, self.record_encoding, self.jpeg_quality)  # validates them
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"--threshold: must be in [0, 1], got {self.threshold}")
         if self.batch_size < 1:
             raise ValueError(f"--batch_size: must be >= 1, got {self.batch_size}")
-        if self.record_encoding not in imaging.ENCODINGS:
-            raise ValueError(f"--record_encoding: must be one of {imaging.ENCODINGS}, got {self.record_encoding!r}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"--jpeg_quality: must be in [1, 100], got {self.jpeg_quality}")
 
 
 @dataclasses.dataclass
