@@ -12,27 +12,12 @@ import sys
 
 from absl import flags
 
-from cxr_tfdata.cli import run_main
-from tfrecords_builder import imaging
+from cxr_tfdata.cli import define_record_flags, run_main
 
 _MODEL = flags.DEFINE_string("model", None, "Trained model (.keras); loaded in Keras safe mode.")
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", None,
-    "The dataset the model was trained on (cxr-build-tfrecords --output_dir): --resize, "
-    "--record_encoding and --jpeg_quality are read from its manifest.json, and a conflicting value "
-    "given here is refused. Without it those flags (or their defaults) must match the build.")
 _OUTPUT_CSV = flags.DEFINE_string("output_csv", None, "Write the CSV here instead of stdout.")
 _GRADCAM_DIR = flags.DEFINE_string("gradcam_dir", None, "Write a Grad-CAM overlay PNG per image here.")
-_RESIZE = flags.DEFINE_enum(
-    "resize", imaging.DEFAULT_RESIZE, imaging.RESIZE_MODES,
-    "squash: stretch to a square (the converter's default); pad: keep the aspect ratio on black. "
-    "Use what the training records were built with (or pass --data_dir).")
-_RECORD_ENCODING = flags.DEFINE_enum(
-    "record_encoding", imaging.DEFAULT_ENCODING, imaging.ENCODINGS,
-    "How the training records stored images (cxr-build-tfrecords --encoding): with jpeg each image "
-    "goes through the same JPEG round trip, so a source file gets the probability its record gets.")
-_JPEG_QUALITY = flags.DEFINE_integer("jpeg_quality", imaging.DEFAULT_JPEG_QUALITY,
-                                     "cxr-build-tfrecords --jpeg_quality of the records.")
+_RECORDS = define_record_flags(__name__)
 _THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Probability at or above which the label is PNEUMONIA.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per inference batch.")
 
@@ -41,12 +26,7 @@ def main(argv):
     from cxr_tfdata import predict
 
     try:
-        settings = predict.record_settings(
-            _DATA_DIR.value or "",
-            resize=_RESIZE.value if _RESIZE.present else None,
-            record_encoding=_RECORD_ENCODING.value if _RECORD_ENCODING.present else None,
-            jpeg_quality=_JPEG_QUALITY.value if _JPEG_QUALITY.present else None,
-        )
+        settings = _RECORDS.settings()
         config = predict.PredictConfig(
             model_path=_MODEL.value or "",
             paths=tuple(argv[1:]),
@@ -57,7 +37,7 @@ def main(argv):
             batch_size=_BATCH_SIZE.value,
             record_encoding=settings.record_encoding,
             jpeg_quality=settings.jpeg_quality,
-            data_dir=_DATA_DIR.value or "",
+            data_dir=_RECORDS.data_dir.value or "",
         )
         rows = predict.predict(config, sys.stdout)
     except (ValueError, OSError) as e:
