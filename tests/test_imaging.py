@@ -150,7 +150,7 @@ def test_build_settings_have_one_definition_that_every_tool_uses():
         imaging.DEFAULT_RESIZE, imaging.DEFAULT_ENCODING, imaging.DEFAULT_JPEG_QUALITY)
     # Each tool's source names the shared constants, not its own copy of the values (read as text:
     # importing an entry point would define its flags in this process).
-    for relative in ("cxr_tfdata/predict.py", "cxr_tfdata/cli/predict.py", "tfrecords_builder/build.py",
+    for relative in ("cxr_tfdata/predict.py", "cxr_tfdata/cli/__init__.py", "tfrecords_builder/build.py",
                      "tfrecords_builder/main.py"):
         source = (REPO_ROOT / relative).read_text()
         assert "imaging.DEFAULT_JPEG_QUALITY" in source and "95" not in source, relative
