@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags, logging
 
 from cxr_tfdata.cli import run_main
@@ -18,15 +16,12 @@ flags.mark_flag_as_required("output_dir")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        images = sample.write_sample(_OUTPUT_DIR.value, _NUM_IMAGES.value, _SEED.value)
-    except (ValueError, FileExistsError) as e:
-        sys.exit(f"cxr-make-sample: error: {e}")
+    images = sample.write_sample(_OUTPUT_DIR.value, _NUM_IMAGES.value, _SEED.value)
     logging.info("wrote %d images to %s", len(images), _OUTPUT_DIR.value)
 
 
 def run():
-    run_main(main, __name__)
+    run_main(main, __name__, "cxr-make-sample")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def main(argv):
 
 
 def run():
-    run_main(main, __name__)
+    run_main(main, __name__, "cxr-verify-tfrecords")
 
 
 if __name__ == "__main__":

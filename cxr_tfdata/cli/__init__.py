@@ -1,23 +1,99 @@
-"""absl entry points: the only modules that define flags."""
+"""absl entry points: the only modules that define flags, and how every binary reports failure.
+
+Every binary runs through `run_main`: a failure of any kind ends the run with one line on stderr,
+`<program>: error: <what is wrong, naming the file or flag>`, and exit status 1 (2 for a usage
+error). The traceback is kept for debugging: set CXR_DEBUG=1 or pass --verbosity=1.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import sys
 from collections.abc import Callable
 
 from absl import app, flags
 
+DEBUG_ENVIRONMENT_VARIABLE = "CXR_DEBUG"
+# What a failed system call means to a user, by errno.
+_OS_ERROR_MEANING = {
+    errno.ENOSPC: "no space left on the device (disk full); earlier outputs are intact",
+    errno.EDQUOT: "disk quota exceeded; earlier outputs are intact",
+    errno.EFBIG: "file too large for the file system or the process's file size limit; earlier outputs are intact",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "is a folder, not a file",
+    errno.ENOENT: "no such file or folder",
+}
 
-def run_main(main: Callable, module_name: str) -> None:
-    """app.run(main), with --help listing the flags of `module_name`.
+
+def debugging() -> bool:
+    """True when tracebacks should be shown: CXR_DEBUG set (not 0), or --verbosity >= 1."""
+    if os.environ.get(DEBUG_ENVIRONMENT_VARIABLE, "") not in ("", "0"):
+        return True
+    return flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].value >= 1
+
+
+def op_error_summary(message: str) -> str:
+    """The cause in a TensorFlow error message, in one line: e.g. the input pipeline's assertion
+    naming a corrupt shard, without the "Graph execution error" preamble, the node's stack, the
+    tf.data iterator path and the op names TensorFlow adds."""
+    noise = ("Graph execution error", "Detected at node", "File ", "[[", "<stack traces unavailable>")
+    lines = [line.strip() for line in message.splitlines()]
+    cause = next((line for line in lines if line and not line.startswith(noise)), " ".join(message.split()))
+    if "with iterator: " in cause:  # raised in a tf.data function: "...with iterator: <path>: <cause>"
+        cause = cause.split("with iterator: ", 1)[1].partition(": ")[2] or cause
+    cause = cause.split(" [Op:")[0].strip()
+    if cause.startswith("assertion failed: [") and cause.endswith("]"):
+        cause = cause[len("assertion failed: ["):-1]
+    return cause.replace("\\'", "'")  # tf.debugging.Assert prints strings with quotes escaped
+
+
+def error_line(error: BaseException) -> str:
+    """One line saying what went wrong, naming the file where the error knows it."""
+    if isinstance(error, OSError) and error.errno is not None:
+        where = f"{error.filename}: " if error.filename else ""
+        return where + (_OS_ERROR_MEANING.get(error.errno) or error.strerror or str(error))
+    if type(error).__module__.startswith("tensorflow") and hasattr(error, "message"):
+        return op_error_summary(error.message)
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, (ValueError, OSError, RuntimeError, LookupError)):
+        return text
+    return f"{type(error).__name__}: {text} (unexpected; set {DEBUG_ENVIRONMENT_VARIABLE}=1 for the traceback)"
+
+
+def _guarded(main: Callable, program: str) -> Callable:
+    def guarded(argv):
+        try:
+            return main(argv)
+        except (app.UsageError, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            if debugging():
+                raise
+            print(f"{program}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:  # noqa: BLE001 -- every failure becomes one line; CXR_DEBUG=1 re-raises it
+            if debugging():
+                raise
+            print(f"{program}: error: {error_line(e)}", file=sys.stderr)
+            return 1
+
+    return guarded
+
+
+def run_main(main: Callable, module_name: str, program: str) -> None:
+    """app.run(main) for the binary `program`, with --help listing the flags of `module_name`.
 
     absl's --help shows only the key flags of the script being run, and a console script's
     __main__ is a wrapper that defines none, so each binary registers its own module's flags.
     """
     for flag in flags.FLAGS.get_flags_for_module(module_name):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-    app.run(main)
+    app.run(_guarded(main, program))
 
 
 @dataclasses.dataclass(frozen=True)

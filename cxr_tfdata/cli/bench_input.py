@@ -230,7 +230,7 @@ def main(argv):
 
 
 def run():
-    run_main(main, __name__)
+    run_main(main, __name__, "cxr-bench-input")
 
 
 if __name__ == "__main__":
