@@ -37,7 +37,7 @@ _JSON = flags.DEFINE_string("json", None, "Also write the results here as JSON."
 
 
 def _source_files(input_dir: str) -> list[scan.SourceFile]:
-    by_split, _ = scan.scan_input(input_dir)
+    by_split, _, _ = scan.scan_input(input_dir)
     return [f for files in by_split.values() for f in files]
 
 

@@ -7,8 +7,11 @@ Tests build hand-made records with `serialize_example`.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import os
+import posixpath
 from typing import Any
 
 import tensorflow as tf
@@ -103,6 +106,28 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
     return manifest
 
 
+# Manifest entries that say how a build ran, not what it wrote: two builds differing only in
+# these hold the same records.
+_NOT_CONTENT = ("build_seconds",)
+_NOT_CONTENT_FLAGS = ("output_dir", "overwrite", "num_workers")
+
+
+def manifest_fingerprint(manifest: dict[str, Any]) -> str:
+    """"sha256:<hex>" of the manifest's content: the same for two builds of the same records.
+
+    Everything the manifest says about the records (splits, counts, shard files, image settings,
+    what was skipped and dropped, the source folder and the build flags) is hashed; only how the
+    build ran (its duration, output path, worker count, --overwrite) is left out.
+    """
+    content = copy.deepcopy(manifest)
+    for key in _NOT_CONTENT:
+        content.pop(key, None)
+    for key in _NOT_CONTENT_FLAGS:
+        (content.get("flags") or {}).pop(key, None)
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return "sha256:" + hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
 def split_info(manifest: dict[str, Any], split: str, data_dir: str = "") -> dict[str, Any]:
     """Returns one split's manifest entry, listing the splits there are when it is missing."""
     splits = manifest["splits"]
@@ -114,5 +139,12 @@ def split_info(manifest: dict[str, Any], split: str, data_dir: str = "") -> dict
 
 
 def shard_paths(data_dir: str, manifest: dict[str, Any], split: str) -> list[str]:
-    """Absolute shard file paths of a split."""
-    return [os.path.join(data_dir, p) for p in split_info(manifest, split, data_dir)["shard_files"]]
+    """Shard file paths of a split; a listed path that would leave data_dir is refused."""
+    paths = []
+    for rel in split_info(manifest, split, data_dir)["shard_files"]:
+        parts = posixpath.normpath(str(rel).replace(os.sep, "/")).split("/")
+        if not rel or posixpath.isabs(str(rel)) or os.path.isabs(str(rel)) or ".." in parts:
+            raise ValueError(f"{os.path.join(data_dir, MANIFEST_FILENAME)} lists shard file {rel!r} of split "
+                             f"{split!r}, which is outside the dataset folder; refusing to read it")
+        paths.append(os.path.join(data_dir, rel))
+    return paths

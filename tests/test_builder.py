@@ -164,17 +164,16 @@ def test_a_class_with_only_bad_files_is_an_error(images, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["images"]
 
 
-def test_existing_output_is_refused_then_replaced_with_overwrite(images, tmp_path):
+def test_existing_dataset_is_refused_then_replaced_with_overwrite(images, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
+    build.build_dataset(_config(images, out))
+    before = (out / "manifest.json").read_bytes()
     with pytest.raises(writer.BuildError, match="already exists.*--overwrite"):
         build.build_dataset(_config(images, out))
-    assert (out / "keep.txt").read_text() == "old"
+    assert (out / "manifest.json").read_bytes() == before
     stale = tmp_path / ".out.incomplete-999999999"  # a killed run's staging folder
     (stale / "dataset").mkdir(parents=True)
     manifest = build.build_dataset(_config(images, out, overwrite=True, encoding="png"))
-    assert not (out / "keep.txt").exists() and (out / "dataset_info.json").exists()
     assert json.loads((out / "manifest.json").read_text())["encoding"] == "png" == manifest["encoding"]
     assert sorted(os.listdir(tmp_path)) == ["images", "out"]
 
@@ -240,8 +239,8 @@ def test_a_file_that_changes_during_the_build_is_skipped(images, tmp_path, monke
     real_hash = writer.hash_sources
     changed = sorted((images / "train" / "PNEUMONIA").glob("*.jpeg"))[0]
 
-    def hash_then_change(pool, paths):
-        hashes = real_hash(pool, paths)
+    def hash_then_change(pool, paths, max_bytes):
+        hashes = real_hash(pool, paths, max_bytes)
         hashes[str(changed)] = "0" * 64  # as if the bytes differed when they were hashed
         return hashes
 
@@ -313,9 +312,14 @@ def test_binary_unwritable_output_names_the_path_without_a_traceback(images, tmp
     assert "Traceback" not in result.stderr
 
 
+_OLD_MANIFEST = '{"format_version": 1, "splits": {}, "tfds": {}, "old": true}'
+
+
 def _old_dataset(path):
+    """A stand-in for an earlier build: what cxr-build-tfrecords recognises as its own dataset."""
     path.mkdir()
-    (path / "manifest.json").write_text('{"old": true}')
+    (path / "manifest.json").write_text(_OLD_MANIFEST)
+    (path / "dataset_info.json").write_text("{}")
     return path
 
 
@@ -331,7 +335,7 @@ def test_overwrite_interrupted_between_the_renames_keeps_the_old_dataset(images,
     monkeypatch.setattr(os, "rename", rename_then_die)
     with pytest.raises(KeyboardInterrupt):
         build.build_dataset(_config(images, out, overwrite=True))
-    assert (out / "manifest.json").read_text() == '{"old": true}'
+    assert (out / "manifest.json").read_text() == _OLD_MANIFEST
     assert sorted(os.listdir(tmp_path)) == ["images", "out"]
 
 
@@ -339,7 +343,7 @@ def test_a_dataset_left_aside_by_a_killed_overwrite_is_restored_by_the_next_run(
     previous = _old_dataset(tmp_path / ".out.previous-999999999")  # the killed run's pid
     with caplog.at_level(logging.INFO, logger="absl"), pytest.raises(writer.BuildError, match="already exists"):
         build.build_dataset(_config(images, tmp_path / "out"))
-    assert (tmp_path / "out" / "manifest.json").read_text() == '{"old": true}' and not previous.exists()
+    assert (tmp_path / "out" / "manifest.json").read_text() == _OLD_MANIFEST and not previous.exists()
     assert any("restored" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
     # The swap had completed: the leftover is the replaced dataset and goes.
     _old_dataset(previous)

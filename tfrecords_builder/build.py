@@ -1,10 +1,12 @@
 """cxr-build-tfrecords as a plain function: scan, plan, convert in parallel, write, swap into place.
 
-Everything is written into a hidden sibling of output_dir (`.<name>.incomplete-<pid>`) and renamed
-into place only when complete, manifest.json last; on any error that folder is removed, and one
-left by a killed run is removed by the next build. With --overwrite the old dataset is moved to
-another sibling (`.<name>.previous-<pid>`, never inside the staging folder) for the instant of the
-swap: a run killed in between leaves it there, and the next build puts it back.
+Before anything is read or written, the output is checked (see cxr_tfdata.outputs): it must not
+be, contain or lie inside --input_dir, and an existing output is replaced (--overwrite) only when
+it is a complete dataset written by this binary holding nothing else. A lock beside the output
+(`.<name>.cxr-lock`) keeps a second build of the same output from running at the same time.
+Everything is written into a hidden staging sibling of output_dir and swapped into place only when
+complete, manifest.json last (cxr_tfdata.folder_swap: a kill at any moment loses neither the old
+dataset nor leaves a half-built one); on any error the staging folder is removed.
 """
 
 from __future__ import annotations
@@ -18,10 +20,9 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from cxr_tfdata import config as cxr_config
+from cxr_tfdata import folder_swap, locking, outputs
 from tfrecords_builder import imaging, manifest, plan, scan, writer
 
-_INCOMPLETE_MARK = ".incomplete-"
-_PREVIOUS_MARK = ".previous-"
 # A split losing more than this share of its files (unreadable, or dropped as leaks) is warned about.
 LOSS_WARNING_FRACTION = 0.05
 
@@ -45,6 +46,7 @@ class BuildConfig:
     num_shards: int = 0  # 0: from target_shard_mb
     target_shard_mb: float = 32.0
     overwrite: bool = False
+    max_file_mb: float = imaging.DEFAULT_MAX_FILE_MB  # larger source files are skipped unread
 
     def __post_init__(self):
         def require(ok: bool, flag: str, message: str) -> None:
@@ -63,12 +65,12 @@ class BuildConfig:
         require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         require(self.num_shards >= 0, "num_shards", f"must be >= 0, got {self.num_shards}")
         require(self.target_shard_mb > 0, "target_shard_mb", f"must be > 0, got {self.target_shard_mb}")
-        require(os.path.abspath(self.output_dir) != os.path.abspath(self.input_dir), "output_dir",
-                "must differ from --input_dir")
+        require(self.max_file_mb > 0, "max_file_mb", f"must be > 0, got {self.max_file_mb}")
         self.encode_options()  # validates image_size, encoding, jpeg_quality
 
     def encode_options(self) -> imaging.EncodeOptions:
-        return imaging.EncodeOptions(self.image_size, self.resize == "pad", self.encoding, self.jpeg_quality)
+        return imaging.EncodeOptions(self.image_size, self.resize == "pad", self.encoding, self.jpeg_quality,
+                                     max_file_bytes=int(self.max_file_mb * (1 << 20)))
 
     def plan_options(self) -> plan.PlanOptions:
         return plan.PlanOptions(self.val_fraction, self.seed, self.drop_leaks, self.min_val_images)
@@ -76,49 +78,6 @@ class BuildConfig:
     @property
     def workers(self) -> int:
         return self.num_workers or os.cpu_count() or 1
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _recover_interrupted_swap(output_dir: str) -> None:
-    """Puts back a previous dataset that a killed --overwrite run had moved aside.
-
-    Only when output_dir is missing (the run died between the two renames); when output_dir is
-    there the swap completed and the leftover is the replaced dataset, which is removed.
-    """
-    parent, name = os.path.split(output_dir)
-    prefix = f".{name}{_PREVIOUS_MARK}"
-    for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
-        pid_text = entry[len(prefix):] if entry.startswith(prefix) else ""
-        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
-            continue
-        previous = os.path.join(parent, entry)
-        if not os.path.exists(output_dir):
-            os.rename(previous, output_dir)
-            logging.warning("restored %s from %s: an --overwrite build was interrupted while swapping "
-                            "datasets", output_dir, previous)
-        else:
-            logging.info("removing %s, replaced by a completed --overwrite build", previous)
-            shutil.rmtree(previous, ignore_errors=True)
-
-
-def _remove_stale_staging(output_dir: str) -> None:
-    """Removes staging folders of builds of the same output that were killed."""
-    parent, name = os.path.split(output_dir)
-    prefix = f".{name}{_INCOMPLETE_MARK}"
-    for entry in os.listdir(parent):
-        pid_text = entry[len(prefix):] if entry.startswith(prefix) else ""
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
-            logging.info("removing %s left by an interrupted build", os.path.join(parent, entry))
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
 def _check_classes_present(outcomes: dict[str, writer.SplitOutcome], input_dir: str) -> None:
@@ -144,25 +103,6 @@ def _write_tfds(config: BuildConfig, the_plan: plan.Plan, hashes: dict[str, str 
     return builder, dataset_dir
 
 
-def _swap_into_place(dataset_dir: str, output_dir: str) -> None:
-    """Renames the finished dataset to output_dir; an old one (--overwrite) is removed only after.
-
-    The old dataset waits in a sibling of its own rather than in the staging folder, which is
-    deleted on any error: if the process dies between the renames, it is still there.
-    """
-    parent, name = os.path.split(output_dir)
-    previous = os.path.join(parent, f".{name}{_PREVIOUS_MARK}{os.getpid()}")
-    if os.path.exists(output_dir):
-        os.rename(output_dir, previous)
-    try:
-        os.rename(dataset_dir, output_dir)
-    except BaseException:
-        if os.path.exists(previous) and not os.path.exists(output_dir):
-            os.rename(previous, output_dir)
-        raise
-    shutil.rmtree(previous, ignore_errors=True)
-
-
 def log_split_losses(splits: dict) -> None:
     """One line per split: images written, skipped as unreadable, dropped as leaks, with shares.
 
@@ -182,31 +122,56 @@ def log_split_losses(splits: dict) -> None:
             logging.info("%s", line)
 
 
+def _check_output(config: BuildConfig) -> None:
+    """Refuses an output that overlaps the input, or that exists and may not be replaced."""
+    outputs.check_apart("--output_dir", config.output_dir, {"--input_dir": config.input_dir})
+    if not os.path.lexists(config.output_dir):
+        return
+    if not config.overwrite:
+        raise writer.BuildError(f"output dir {config.output_dir} already exists; pass --overwrite to "
+                                f"replace it (only a dataset written by cxr-build-tfrecords is replaced)")
+    outputs.check_replaceable("--output_dir", config.output_dir, "a dataset written by cxr-build-tfrecords",
+                              outputs.dataset_problems(config.output_dir))
+
+
 def build_dataset(config: BuildConfig) -> dict:
-    """Builds the dataset; returns the manifest. Raises scan.LayoutError or writer.BuildError."""
-    start = time.monotonic()
+    """Builds the dataset; returns the manifest. Raises scan.LayoutError, writer.BuildError or
+    outputs.UnsafeOutputError (the output may not be written); locking.LockedError when another
+    build of the same output is running."""
     input_dir, output_dir = os.path.abspath(config.input_dir), os.path.abspath(config.output_dir)
     config = dataclasses.replace(config, input_dir=input_dir, output_dir=output_dir)
-    by_split, strays = scan.scan_input(input_dir)
-    _recover_interrupted_swap(output_dir)
-    if os.path.exists(output_dir) and not config.overwrite:
-        raise writer.BuildError(f"output dir {output_dir} already exists; pass --overwrite to replace it")
+    outputs.check_apart("--output_dir", output_dir, {"--input_dir": input_dir})
+    if not os.path.isdir(input_dir):
+        raise scan.LayoutError(f"input dir {input_dir} does not exist or is not a folder")
     os.makedirs(os.path.dirname(output_dir), exist_ok=True)
-    _remove_stale_staging(output_dir)
-    staging = os.path.join(os.path.dirname(output_dir),
-                           f".{os.path.basename(output_dir)}{_INCOMPLETE_MARK}{os.getpid()}")
+    with locking.exclusive_lock(locking.lock_path_beside(output_dir), f"--output_dir={output_dir}",
+                                "cxr-build-tfrecords"):
+        folder_swap.recover(output_dir)
+        _check_output(config)
+        return _build_locked(config)
+
+
+def _build_locked(config: BuildConfig) -> dict:
+    start = time.monotonic()
+    input_dir, output_dir = config.input_dir, config.output_dir
+    by_split, strays, unusable = scan.scan_input(input_dir)
+    for entry in unusable:
+        if config.strict:
+            raise writer.BuildError(f"{entry.path}: {entry.reason} (--strict makes unusable files fatal)")
+        logging.warning("skipping %s: %s", entry.path, entry.reason)
+    staging = folder_swap.staging_path(output_dir)
     tfds.disable_progress_bar()
     try:
         os.makedirs(staging)
         with writer.WorkerPool(config.workers) as pool:
             paths = [f.path for files in by_split.values() for f in files]
-            hashes = writer.hash_sources(pool, paths)
+            hashes = writer.hash_sources(pool, paths, config.encode_options().max_file_bytes)
             the_plan = plan.make_plan(by_split, hashes, input_dir, config.plan_options())
             builder, dataset_dir = _write_tfds(config, the_plan, hashes, pool, staging)
-        content = manifest.make_manifest(config, the_plan, builder, strays, dataset_dir,
+        content = manifest.make_manifest(config, the_plan, builder, strays, unusable, dataset_dir,
                                          time.monotonic() - start)
         manifest.write_manifest(dataset_dir, content)  # last: its presence marks a complete dataset
-        _swap_into_place(dataset_dir, output_dir)
+        folder_swap.swap_into_place(dataset_dir, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log_split_losses(content["splits"])

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
+import stat
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -22,6 +25,17 @@ RESIZE_MODES = ("squash", "pad")  # squash: stretch to a square; pad: letterbox 
 DEFAULT_ENCODING = "jpeg"
 DEFAULT_RESIZE = "squash"
 DEFAULT_JPEG_QUALITY = 95
+# Limits on what is read and decoded, shared by the converter, cxr-predict and the serving export.
+# A source file larger than this is not read (radiographs are a few MB; the cap keeps a stray
+# video or disk image from filling memory).
+DEFAULT_MAX_FILE_MB = 256.0
+# Pillow's decompression-bomb limit (about 9459 x 9459): a header announcing more pixels is refused
+# before any pixel is decoded.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
+# A decoded image whose pixel standard deviation is below this many grey levels is near-constant:
+# blank, or a JPEG whose header is intact but whose scan data is damaged (libjpeg decodes that
+# "successfully" as flat grey). Radiographs have standard deviations of tens of grey levels.
+NEAR_CONSTANT_STD = 2.0
 
 # EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
@@ -41,6 +55,7 @@ class EncodeOptions:
     pad: bool = False  # True: aspect-preserving letterbox on black; False: squash to a square
     encoding: str = DEFAULT_ENCODING
     jpeg_quality: int = DEFAULT_JPEG_QUALITY
+    max_file_bytes: int = int(DEFAULT_MAX_FILE_MB * (1 << 20))
 
     def __post_init__(self):
         # The supported range (cxr_tfdata.config.MIN/MAX_IMAGE_SIZE) is checked by BuildConfig:
@@ -60,6 +75,47 @@ class ConvertedImage:
     encoded: bytes
     original_height: int
     original_width: int
+    pixel_std: float  # of the resized pixels; below NEAR_CONSTANT_STD the image is near-constant
+
+
+_KIND_OF_MODE = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                 (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _check_regular(mode: int, size: int, max_bytes: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KIND_OF_MODE if test(mode)), "not a regular file")
+        raise ImageError(f"{kind}, not a regular file: not read")
+    if size > max_bytes:
+        raise ImageError(f"file of {size / (1 << 20):.1f} MB is larger than the {max_bytes / (1 << 20):g} MB "
+                         f"limit: not read")
+
+
+def read_source(path: str, max_bytes: int = int(DEFAULT_MAX_FILE_MB * (1 << 20))) -> bytes:
+    """The bytes of a regular file (symbolic links followed), at most max_bytes.
+
+    FIFOs, sockets, devices and folders are refused from their metadata, before they are opened
+    (so a FIFO never blocks and /dev/zero is never read), and again on the opened descriptor, in
+    case the path changed in between. Raises ImageError with the reason.
+    """
+    try:
+        before = os.stat(path)
+    except FileNotFoundError:
+        raise ImageError("broken symbolic link" if os.path.islink(path) else "no such file") from None
+    except OSError as e:
+        raise ImageError(f"unreadable file: {e.strerror or e}") from e
+    _check_regular(before.st_mode, before.st_size, max_bytes)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise ImageError(f"unreadable file: {e.strerror or e}") from e
+    with os.fdopen(fd, "rb") as f:
+        opened = os.fstat(fd)
+        _check_regular(opened.st_mode, opened.st_size, max_bytes)
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ImageError(f"file grew past the {max_bytes / (1 << 20):g} MB limit while being read: not read")
+    return data
 
 
 def _open(data: bytes, draft_size: int | None) -> tuple[Image.Image, tuple[int, int]]:
@@ -67,8 +123,13 @@ def _open(data: bytes, draft_size: int | None) -> tuple[Image.Image, tuple[int, 
     if not data:
         raise ImageError("empty file (0 bytes)")
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
         stored_size = image.size
+        if stored_size[0] * stored_size[1] > MAX_IMAGE_PIXELS:
+            raise ImageError(f"image too large: {stored_size[0]}x{stored_size[1]} pixels, more than the "
+                             f"{MAX_IMAGE_PIXELS} pixel limit; not decoded")
         if draft_size and image.format == "JPEG":
             # Mode "L" makes libjpeg emit luma only for colour JPEGs; the size request keeps
             # every side >= draft_size, so the final resize still only shrinks.
@@ -76,8 +137,8 @@ def _open(data: bytes, draft_size: int | None) -> tuple[Image.Image, tuple[int, 
         image.load()
     except Image.UnidentifiedImageError as e:
         raise ImageError("not a recognised image format") from e
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"image too large: {e}") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"image too large, not decoded: {e}") from e
     except OSError as e:
         raise ImageError(f"corrupt or truncated image: {e}") from e
     except (SyntaxError, ValueError, EOFError, IndexError, TypeError, ZeroDivisionError) as e:
@@ -185,4 +246,5 @@ def convert(data: bytes, options: EncodeOptions) -> ConvertedImage:
         encoded=encode(pixels, options.encoding, options.jpeg_quality),
         original_height=height,
         original_width=width,
+        pixel_std=float(np.std(pixels)),
     )

@@ -7,7 +7,7 @@ import sys
 from absl import app, flags, logging
 
 from cxr_tfdata.cli import run_main
-from tfrecords_builder import build, imaging, scan, verify, writer
+from tfrecords_builder import build, imaging, verify
 
 _INPUT_DIR = flags.DEFINE_string("input_dir", None, "Folder with {train,test[,val]}/{NORMAL,PNEUMONIA}/*.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Dataset folder to create (TFDS dataset dir + manifest.json).")
@@ -28,12 +28,20 @@ _DROP_LEAKS = flags.DEFINE_bool("drop_leaks", True,
                                 "Remove from train/val the files byte-identical to a file in a higher split "
                                 "(test > val > train), and the images of a patient who is also in a higher "
                                 "split. Leaks are reported either way.")
-_STRICT = flags.DEFINE_bool("strict", False, "Fail on the first corrupt or non-image file instead of skipping it.")
+_STRICT = flags.DEFINE_bool(
+    "strict", False,
+    "Fail on the first file that cannot be used (corrupt, non-image, too large, not a regular file) or looks "
+    "damaged (a near-constant picture) instead of skipping or flagging it.")
+_MAX_FILE_MB = flags.DEFINE_float("max_file_mb", imaging.DEFAULT_MAX_FILE_MB,
+                                  "Source files larger than this are skipped unread.")
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 0, "Decode/resize/encode processes; 0: all cores.")
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", 0, "Shards per split; 0: from --target_shard_mb.")
 _TARGET_SHARD_MB = flags.DEFINE_float("target_shard_mb", 32.0,
                                       "Shard size aimed at when --num_shards=0 (at least 4 shards per split).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output_dir (only once the new one is complete).")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False,
+    "Replace an existing --output_dir once the new dataset is complete. Only a dataset written by this "
+    "binary that holds nothing else is replaced; any other folder is refused.")
 _VERIFY = flags.DEFINE_bool("verify", False, "After building, re-read and check every shard (as cxr-verify-tfrecords).")
 
 flags.mark_flags_as_required(["input_dir", "output_dir"])
@@ -42,21 +50,14 @@ flags.mark_flags_as_required(["input_dir", "output_dir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        config = build.BuildConfig(
-            input_dir=_INPUT_DIR.value, output_dir=_OUTPUT_DIR.value, image_size=_IMAGE_SIZE.value,
-            resize=_RESIZE.value, encoding=_ENCODING.value, jpeg_quality=_JPEG_QUALITY.value,
-            val_fraction=_VAL_FRACTION.value, seed=_SEED.value, min_val_images=_MIN_VAL_IMAGES.value,
-            drop_leaks=_DROP_LEAKS.value, strict=_STRICT.value, num_workers=_NUM_WORKERS.value,
-            num_shards=_NUM_SHARDS.value, target_shard_mb=_TARGET_SHARD_MB.value, overwrite=_OVERWRITE.value)
-        build.build_dataset(config)
-    except (ValueError, scan.LayoutError, writer.BuildError) as e:
-        logging.error("%s", e)
-        sys.exit(f"cxr-build-tfrecords: error: {e}")
-    except OSError as e:  # e.g. --output_dir not writable: name the path rather than a traceback
-        where = f"{e.filename}: " if e.filename else ""
-        logging.error("%s%s", where, e.strerror or e)
-        sys.exit(f"cxr-build-tfrecords: error: {where}{e.strerror or e}")
+    config = build.BuildConfig(
+        input_dir=_INPUT_DIR.value, output_dir=_OUTPUT_DIR.value, image_size=_IMAGE_SIZE.value,
+        resize=_RESIZE.value, encoding=_ENCODING.value, jpeg_quality=_JPEG_QUALITY.value,
+        val_fraction=_VAL_FRACTION.value, seed=_SEED.value, min_val_images=_MIN_VAL_IMAGES.value,
+        drop_leaks=_DROP_LEAKS.value, strict=_STRICT.value, num_workers=_NUM_WORKERS.value,
+        num_shards=_NUM_SHARDS.value, target_shard_mb=_TARGET_SHARD_MB.value, overwrite=_OVERWRITE.value,
+        max_file_mb=_MAX_FILE_MB.value)
+    build.build_dataset(config)
     if _VERIFY.value:
         report = verify.verify_dataset(config.output_dir)
         if not report.ok:
@@ -65,7 +66,7 @@ def main(argv):
 
 
 def run():
-    run_main(main, __name__)
+    run_main(main, __name__, "cxr-build-tfrecords")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ def _split_entry(split: str, builder, outcome, dataset_dir: str, num_dropped_lea
         "num_patients": len(outcome.patients),
         "num_unparsed_patient_ids": outcome.unparsed_patient_ids,
         "num_skipped": len(outcome.skipped),  # unreadable files (listed under "skipped")
+        # Written but near-constant: blank or damaged behind an intact header (under "near_constant").
+        "num_near_constant": len(outcome.near_constant),
         # Leaked files taken out of this split before any val carve-out (listed under "dropped_leaks").
         "num_dropped_leaks": num_dropped_leaks,
         "num_shards": len(shard_files),
@@ -40,13 +42,17 @@ def _split_entry(split: str, builder, outcome, dataset_dir: str, num_dropped_lea
     }
 
 
-def make_manifest(config, the_plan, builder, strays: list[str], dataset_dir: str,
+def make_manifest(config, the_plan, builder, strays: list[str], unusable, dataset_dir: str,
                   build_seconds: float) -> dict[str, Any]:
-    """The manifest of a finished build (layout: cxr_tfdata.features.read_manifest)."""
+    """The manifest of a finished build (layout: cxr_tfdata.features.read_manifest).
+
+    unusable: scan.Unusable entries of class folders (links to folders, FIFOs, broken links).
+    """
     splits = {s: _split_entry(s, builder, builder.outcomes[s], dataset_dir, the_plan.num_dropped_by_split.get(s, 0))
               for s in the_plan.splits}
     skipped = [{"path": os.path.relpath(p, config.input_dir), "reason": "not inside a class folder"}
                for p in strays]
+    skipped += [{"path": os.path.relpath(u.path, config.input_dir), "reason": u.reason} for u in unusable]
     for outcome in builder.outcomes.values():
         skipped.extend(outcome.skipped)
     return {
@@ -62,6 +68,8 @@ def make_manifest(config, the_plan, builder, strays: list[str], dataset_dir: str
         "num_unparsed_patient_ids": sum(s["num_unparsed_patient_ids"] for s in splits.values()),
         "flags": dataclasses.asdict(config),
         "skipped": sorted(skipped, key=lambda s: s["path"]),
+        "near_constant": sorted((e for o in builder.outcomes.values() for e in o.near_constant),
+                                key=lambda e: e["path"]),
         "duplicates": the_plan.duplicates,
         "dropped_leaks": the_plan.dropped_leaks,
         "patients_in_several_given_splits": the_plan.patients_in_several_given_splits,

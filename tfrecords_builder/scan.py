@@ -2,14 +2,17 @@
 
 Layout: <input_dir>/{train,test[,val]}/{NORMAL,PNEUMONIA}/<files>. Every regular file under a
 class folder, subfolders included, is a candidate (a non-image is skipped later with its reason);
-anything else that does not fit the layout is an error naming the path, so a typo never silently
-drops a class.
+an entry that cannot be one (a symbolic link to a folder, which is not followed, a broken link, a
+FIFO, socket or device) is listed as unusable with its reason, never dropped silently; anything
+else that does not fit the layout is an error naming the path, so a typo never silently drops a
+class.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 
 from cxr_tfdata import features
 from tfrecords_builder import patients
@@ -43,22 +46,58 @@ def _list_dir(path: str) -> list[os.DirEntry]:
         return sorted((e for e in entries if not _is_hidden(e.name)), key=lambda e: e.name)
 
 
-def _walk_files(folder: str) -> list[str]:
-    """Every non-hidden regular file under folder, subfolders included, in sorted order.
+@dataclasses.dataclass(frozen=True)
+class Unusable:
+    """An entry of a class folder that cannot be read as a file."""
+
+    path: str  # absolute path
+    reason: str
+
+
+_KIND_OF_MODE = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                 (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def unusable_reason(path: str) -> str | None:
+    """Why `path` cannot be read as an image file (None for a regular file, or a link to one)."""
+    try:
+        target = os.stat(path)
+    except FileNotFoundError:
+        return "broken symbolic link" if os.path.islink(path) else "no such file"
+    except OSError as e:
+        return f"cannot be examined: {e.strerror or e}"
+    if stat.S_ISREG(target.st_mode):
+        return None
+    if stat.S_ISDIR(target.st_mode):
+        return "symbolic link to a folder (not followed)"
+    kind = next((name for test, name in _KIND_OF_MODE if test(target.st_mode)), "not a regular file")
+    return f"{kind}, not a regular file" + (" (through a symbolic link)" if os.path.islink(path) else "")
+
+
+def _walk_files(folder: str) -> tuple[list[str], list[Unusable]]:
+    """Every non-hidden regular file under folder, subfolders included, in sorted order, and the
+    entries that are not regular files (with why).
 
     Subfolders are read as Keras' flow_from_directory reads them (the notebook this replaces), so
     an image filed one level too deep is still used, never silently lost nor fatal to the build.
     """
-    found = []
+    found, unusable = [], []
     for entry in _list_dir(folder):
         if entry.is_dir(follow_symlinks=False):
-            found.extend(_walk_files(entry.path))
-        elif entry.is_file():  # sockets, broken symlinks: not files
+            sub_found, sub_unusable = _walk_files(entry.path)
+            found.extend(sub_found)
+            unusable.extend(sub_unusable)
+            continue
+        reason = unusable_reason(entry.path)
+        if reason is None:
             found.append(entry.path)
-    return found
+        else:
+            unusable.append(Unusable(os.path.abspath(entry.path), reason))
+    return found, unusable
 
 
-def _scan_class_folder(split: str, split_dir: str, label: int, required: bool) -> list[SourceFile]:
+def _scan_class_folder(split: str, split_dir: str, label: int, required: bool,
+                       unusable: list[Unusable]) -> list[SourceFile]:
     class_name = features.CLASS_NAMES[label]
     class_dir = os.path.join(split_dir, class_name)
     if not required and not os.path.isdir(class_dir):
@@ -66,7 +105,9 @@ def _scan_class_folder(split: str, split_dir: str, label: int, required: bool) -
     if not os.path.isdir(class_dir):
         raise LayoutError(f"missing class folder {class_dir} (expected {list(features.CLASS_NAMES)})")
     files = []
-    for path in _walk_files(class_dir):
+    paths, class_unusable = _walk_files(class_dir)
+    unusable.extend(class_unusable)
+    for path in paths:
         name = os.path.relpath(path, class_dir).replace(os.sep, "/")
         patient_id, parsed = patients.patient_id_or_stem(name)
         files.append(SourceFile(os.path.abspath(path), split, label,
@@ -76,7 +117,7 @@ def _scan_class_folder(split: str, split_dir: str, label: int, required: bool) -
     return files
 
 
-def _scan_split(input_dir: str, split: str) -> tuple[list[SourceFile], list[str]]:
+def _scan_split(input_dir: str, split: str, unusable: list[Unusable]) -> tuple[list[SourceFile], list[str]]:
     """Returns the split's files and the paths of stray files lying beside the class folders."""
     split_dir = os.path.join(input_dir, split)
     strays = []
@@ -85,17 +126,18 @@ def _scan_split(input_dir: str, split: str) -> tuple[list[SourceFile], list[str]
             raise LayoutError(
                 f"unknown class folder {entry.path}: expected only {list(features.CLASS_NAMES)}"
             )
-        if entry.is_file():
+        if not entry.is_dir():  # a file, link, FIFO...: nothing beside the class folders is read
             strays.append(os.path.abspath(entry.path))
     files = []
     for label in range(len(features.CLASS_NAMES)):
         # A given val/ may be partial: it is merged into train when too small (see plan.py).
-        files.extend(_scan_class_folder(split, split_dir, label, required=split in REQUIRED_SPLITS))
+        files.extend(_scan_class_folder(split, split_dir, label, split in REQUIRED_SPLITS, unusable))
     return files, strays
 
 
-def scan_input(input_dir: str) -> tuple[dict[str, list[SourceFile]], list[str]]:
-    """Returns {split folder: files} for train, test and (when present) val, and stray file paths."""
+def scan_input(input_dir: str) -> tuple[dict[str, list[SourceFile]], list[str], list[Unusable]]:
+    """Returns {split folder: files} for train, test and (when present) val, the paths of stray
+    files beside the class folders, and the entries of class folders that are not regular files."""
     if not os.path.isdir(input_dir):
         raise LayoutError(f"input dir {input_dir} does not exist or is not a folder")
     known = REQUIRED_SPLITS + OPTIONAL_SPLITS
@@ -105,9 +147,9 @@ def scan_input(input_dir: str) -> tuple[dict[str, list[SourceFile]], list[str]]:
     for split in REQUIRED_SPLITS:
         if not os.path.isdir(os.path.join(input_dir, split)):
             raise LayoutError(f"missing split folder {os.path.join(input_dir, split)}")
-    by_split, strays = {}, []
+    by_split, strays, unusable = {}, [], []
     for split in known:
         if os.path.isdir(os.path.join(input_dir, split)):
-            by_split[split], split_strays = _scan_split(input_dir, split)
+            by_split[split], split_strays = _scan_split(input_dir, split, unusable)
             strays.extend(split_strays)
-    return by_split, strays
+    return by_split, strays, unusable

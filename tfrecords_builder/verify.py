@@ -46,11 +46,10 @@ def _read_shard(path: str) -> tuple[collections.Counter, list[tuple[int, ...]]]:
     return counts, sorted(shapes)
 
 
-def _check_split(data_dir, split, entry, tfds_lengths, image_size, report) -> None:
+def _check_split(paths, split, entry, tfds_lengths, image_size, report) -> None:
     expected_shape = (image_size, image_size, 1)
     totals: collections.Counter = collections.Counter()
-    for index, rel in enumerate(entry["shard_files"]):
-        path = os.path.join(data_dir, rel)
+    for index, path in enumerate(paths):
         if not os.path.exists(path):
             report.errors.append(f"missing shard {path}")
             continue
@@ -97,5 +96,10 @@ def verify_dataset(data_dir: str) -> VerifyReport:
         if lengths and split in lengths and sum(lengths[split]) != entry["num_examples"]:
             report.errors.append(f"split {split}: dataset_info.json counts {sum(lengths[split])}, "
                                  f"manifest says {entry['num_examples']}")
-        _check_split(data_dir, split, entry, lengths.get(split), manifest["image_size"], report)
+        try:
+            paths = features.shard_paths(data_dir, manifest, split)
+        except ValueError as e:  # a shard path leaving the dataset folder
+            report.errors.append(str(e))
+            continue
+        _check_split(paths, split, entry, lengths.get(split), manifest["image_size"], report)
     return report

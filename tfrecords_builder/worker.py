@@ -7,12 +7,12 @@ import hashlib
 from tfrecords_builder import imaging
 
 
-def hash_file(path: str) -> tuple[str, str | None]:
+def hash_file(task: tuple[str, int]) -> tuple[str, str | None]:
     """(path, sha256 of the bytes), None for an empty or unreadable file (reported later)."""
+    path, max_bytes = task
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
+        data = imaging.read_source(path, max_bytes)
+    except imaging.ImageError:
         return path, None
     return path, hashlib.sha256(data).hexdigest() if data else None
 
@@ -27,10 +27,9 @@ def convert_file(
     """
     index, path, options, planned_sha256 = task
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        return index, None, f"unreadable file: {e.strerror or e}"
+        data = imaging.read_source(path, options.max_file_bytes)
+    except imaging.ImageError as e:
+        return index, None, str(e)
     if planned_sha256 and hashlib.sha256(data).hexdigest() != planned_sha256:
         # The split plan and duplicate report were made from other bytes.
         return index, None, "file changed while the dataset was being built"

@@ -126,11 +126,13 @@ class WorkerPool:
         self.close()
 
 
-def hash_sources(pool: WorkerPool, paths: list[str]) -> dict[str, str | None]:
+def hash_sources(pool: WorkerPool, paths: list[str],
+                 max_bytes: int = int(imaging.DEFAULT_MAX_FILE_MB * (1 << 20))) -> dict[str, str | None]:
     """sha256 of every file that could have a byte-identical twin; None for all others.
 
     Only files of equal size can be identical, so only those are read before conversion (the
-    workers hash every file again while converting it). Empty and unreadable files get None.
+    workers hash every file again while converting it). Empty, unreadable and oversized files
+    get None.
     """
     sizes: dict[str, int] = {}
     for path in paths:
@@ -139,7 +141,7 @@ def hash_sources(pool: WorkerPool, paths: list[str]) -> dict[str, str | None]:
         except OSError:
             continue  # unreadable: reported when its conversion fails
     same_size = collections.Counter(sizes.values())
-    candidates = [p for p, size in sizes.items() if size > 0 and same_size[size] > 1]
+    candidates = [(p, max_bytes) for p, size in sizes.items() if 0 < size <= max_bytes and same_size[size] > 1]
     hashes: dict[str, str | None] = dict.fromkeys(paths)
     hashes.update(pool.imap_unordered(worker.hash_file, candidates))
     return hashes
@@ -153,6 +155,8 @@ class SplitOutcome:
     patients: set[str] = dataclasses.field(default_factory=set)
     unparsed_patient_ids: int = 0
     skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    # Written, but with a near-constant picture (imaging.NEAR_CONSTANT_STD): blank or damaged.
+    near_constant: list[dict] = dataclasses.field(default_factory=list)
 
 
 class CxrTfrecords(tfds.core.GeneratorBasedBuilder):
@@ -233,6 +237,15 @@ class CxrTfrecords(tfds.core.GeneratorBasedBuilder):
                 logging.warning("skipping %s: %s", source.path, reason)
                 outcome.skipped.append({"path": rel_path, "reason": reason})
                 continue
+            if converted.pixel_std < imaging.NEAR_CONSTANT_STD:
+                if self._strict:
+                    raise BuildError(f"{source.path}: near-constant image (pixel standard deviation "
+                                     f"{converted.pixel_std:.2f}): blank, or damaged scan data behind an "
+                                     f"intact header (--strict makes suspicious images fatal)")
+                logging.warning("%s is near-constant (pixel standard deviation %.2f): blank, or damaged "
+                                "data behind an intact header; kept, and listed in manifest.json under "
+                                "\"near_constant\"", source.path, converted.pixel_std)
+                outcome.near_constant.append({"path": rel_path, "pixel_std": round(converted.pixel_std, 3)})
             counts[source.label] += 1
             outcome.patients.add(source.patient_id)
             outcome.unparsed_patient_ids += not source.patient_id_parsed
@@ -246,5 +259,6 @@ class CxrTfrecords(tfds.core.GeneratorBasedBuilder):
             }
         outcome.class_counts = {name: counts[i] for i, name in enumerate(features.CLASS_NAMES)}
         outcome.skipped.sort(key=lambda s: s["path"])
+        outcome.near_constant.sort(key=lambda s: s["path"])
         if not sum(counts.values()):
             raise BuildError(f"no usable images in split {split!r}: all {len(files)} files were skipped")
