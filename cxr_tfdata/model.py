@@ -164,6 +164,16 @@ def fine_tune_start_index(base: keras.Model, fine_tune_at: str) -> int:
     )
 
 
+def check_fine_tune_at(fine_tune_at: str) -> None:
+    """Fails naming --fine_tune_at when it names no ResNet50V2 layer (before any training)."""
+    base = keras.applications.ResNet50V2(include_top=False, weights=None, input_shape=(32, 32, 3))
+    try:
+        fine_tune_start_index(base, fine_tune_at)
+    finally:
+        del base
+        keras.backend.clear_session()
+
+
 def configure_trainable(model: keras.Model, stage: str, model_config: ModelConfig) -> None:
     """Sets which layers train in a stage; call before compile().
 

@@ -1,36 +1,23 @@
 """train_and_evaluate(config): both ResNet50V2 transfer stages, their callbacks, checkpoints and resume.
 
-Files in `config.model_dir`:
-  config.json                      the run's frozen config, written before the first step
-  frozen_best.keras, finetune_best.keras   best model of each stage (lowest val_loss)
-  final.keras                      the best model of the last stage run
-  history_frozen.csv, history_finetune.csv   one row per completed epoch
-  metrics.json                     val metrics of each stage's best model
-  logs/<stage>/                    TensorBoard
-  checkpoints/<stage>_last.weights.h5, checkpoints/<stage>_state.json   resume state
-  checkpoints/<stage>_best-epoch<N>.keras   a new best model until the state file commits its epoch
-Every file is written to a temporary name in the same directory and renamed into place, so a kill
-at any moment leaves either the old or the new version, never half a file.
-
-Resume: the per-epoch checkpoint holds the model and optimizer variables (Keras `save_weights`
-includes the optimizer of a compiled model); the state file holds the epoch, the best val_loss, the
-EarlyStopping and ReduceLROnPlateau counters and the learning rate, which Keras' own
-BackupAndRestore does not keep. A restarted run reloads both and continues at the next epoch; the
-best model is only replaced when val_loss improves on the persisted best, and only once the state
-file that records that epoch as the best is written (a kill in between is settled on restart).
+The model dir's files, config.json and the resume checks are `run_dir`'s; every file is written
+through `atomic`. Resume: the per-epoch checkpoint holds the model and optimizer variables (Keras
+`save_weights` includes the optimizer of a compiled model); the state file holds the epoch, the
+best val_loss, the EarlyStopping and ReduceLROnPlateau counters and the learning rate, which
+Keras' own BackupAndRestore does not keep. A restarted run reloads both and continues at the next
+epoch; the best model is only replaced when val_loss improves on the persisted best, and only
+once the state file that records that epoch as the best is written (a kill in between is settled
+on restart). Everything that can be checked before training (weights, dataset, batch sizes,
+--fine_tune_at, the model dir) is checked before config.json is written and the first step runs.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
-import glob
 import importlib.util
 import io
-import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -38,169 +25,22 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from cxr_tfdata import features, input_pipeline
+from cxr_tfdata import atomic, features, input_pipeline, locking, run_dir
 from cxr_tfdata import model as model_lib
 from cxr_tfdata import precision as precision_lib
-from cxr_tfdata.config import StageConfig, TrainConfig, to_dict
+from cxr_tfdata.config import StageConfig, TrainConfig
+from cxr_tfdata.run_dir import StagePaths, stage_paths
 
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.json"
-FINAL_MODEL_FILE = "final.keras"
 MONITOR = "val_loss"
-# Settings a run may be resumed with other values of (config.json keys): the stage to run, and
-# how data is cached and steps are compiled and placed, which change speed but not what is
-# learned. (The batch size is per replica: a different replica count changes the global batch.)
-RESTARTABLE_WITH_OTHER = {"stage", "data.cache", "data.cache_dir", "jit_compile", "distribution"}
-TEMPORARY_PREFIX = ".tmp-"
-
-
-class ConfigMismatchError(ValueError):
-    """A model_dir holds a run started with different settings."""
-
-
-@dataclasses.dataclass(frozen=True)
-class StagePaths:
-    best_model: str
-    last_weights: str
-    state: str
-    history_csv: str
-    log_dir: str
-    pending_best_prefix: str
-
-    def pending_best_model(self, epoch: int) -> str:
-        """Where epoch's new best model waits for the state file that commits it."""
-        return f"{self.pending_best_prefix}{epoch}.keras"
-
-    def pending_best_models(self) -> list[str]:
-        return glob.glob(glob.escape(self.pending_best_prefix) + "*.keras")
-
-
-def stage_paths(model_dir: str, stage: str) -> StagePaths:
-    checkpoints = os.path.join(model_dir, "checkpoints")
-    return StagePaths(
-        best_model=os.path.join(model_dir, f"{stage}_best.keras"),
-        last_weights=os.path.join(checkpoints, f"{stage}_last.weights.h5"),
-        state=os.path.join(checkpoints, f"{stage}_state.json"),
-        history_csv=os.path.join(model_dir, f"history_{stage}.csv"),
-        log_dir=os.path.join(model_dir, "logs", stage),
-        pending_best_prefix=os.path.join(checkpoints, f"{stage}_best-epoch"),
-    )
-
-
-def _temporary_path(path: str, suffix: str = "") -> str:
-    directory, name = os.path.split(path)
-    return os.path.join(directory, f"{TEMPORARY_PREFIX}{os.getpid()}-{name}{suffix}")
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    tmp = _temporary_path(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+PROGRAM = "cxr-train"
 
 
 def save_model_atomic(model: keras.Model, path: str) -> None:
-    """model.save to a temporary .keras name in the same directory, then rename over `path`."""
-    tmp = _temporary_path(path, ".keras")
-    model.save(tmp)
-    os.replace(tmp, path)
+    atomic.write_with(path, model.save, suffix=".keras")
 
 
 def save_weights_atomic(model: keras.Model, path: str) -> None:
-    tmp = _temporary_path(path, ".weights.h5")
-    model.save_weights(tmp)
-    os.replace(tmp, path)
-
-
-def copy_atomic(source: str, path: str) -> None:
-    tmp = _temporary_path(path)
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, path)
-
-
-def _read_json(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def run_output_paths(model_dir: str) -> tuple[list[str], list[str]]:
-    """(files, directories) a run writes in model_dir, as listed in the module docstring.
-
-    Resume state first and config.json last: deleting them in this order, a kill part way leaves
-    no state that would resume from a deleted model, and config.json still guards the rest.
-    """
-    stages = [stage_paths(model_dir, stage) for stage in model_lib.STAGES]
-    files = [path for paths in stages for path in (paths.state, paths.last_weights)]
-    files += [path for paths in stages for path in (paths.best_model, paths.history_csv)]
-    files += [os.path.join(model_dir, name) for name in (FINAL_MODEL_FILE, METRICS_FILE, CONFIG_FILE)]
-    return files, [paths.log_dir for paths in stages]
-
-
-def _remove_run_outputs(model_dir: str) -> None:
-    """Deletes an earlier run's outputs, and only those: other files in model_dir are the user's."""
-    files, directories = run_output_paths(model_dir)
-    pending = [path for stage in model_lib.STAGES for path in stage_paths(model_dir, stage).pending_best_models()]
-    for path in pending + files:
-        if os.path.lexists(path):
-            os.remove(path)
-    for path in directories:
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-    logs = os.path.join(model_dir, "logs")
-    if os.path.isdir(logs) and not os.listdir(logs):
-        os.rmdir(logs)
-    logging.info("--overwrite: removed the earlier run's outputs in %s", model_dir)
-
-
-def prepare_model_dir(config: TrainConfig, overwrite: bool = False) -> None:
-    """Creates model_dir and writes config.json; an existing run with other settings is an error
-    (except RESTARTABLE_WITH_OTHER: e.g. a frozen-only run may be continued with --stage=finetune).
-
-    overwrite=True deletes every output of the earlier run (models, metrics, histories, logs,
-    checkpoints and state; see the module docstring) before config.json is rewritten, so the new
-    run starts afresh: a later stage cannot start from the old run's models.
-    """
-    path = os.path.join(config.model_dir, CONFIG_FILE)
-    if overwrite and os.path.isdir(config.model_dir):
-        _remove_run_outputs(config.model_dir)
-    os.makedirs(os.path.join(config.model_dir, "checkpoints"), exist_ok=True)
-    wanted = json.loads(json.dumps(to_dict(config)))
-    if os.path.exists(path) and not overwrite:
-        existing = _read_json(path)
-        # The stage may differ: --stage=frozen, then --stage=finetune, is one run in two steps.
-        changed = set(_differing_keys(existing, wanted))
-        differing = sorted(changed - RESTARTABLE_WITH_OTHER)
-        if changed and not differing:
-            logging.info("Resuming %s with other %s", config.model_dir, ", ".join(sorted(changed)))
-        if differing:
-            raise ConfigMismatchError(
-                f"--model_dir={config.model_dir} holds a run with different settings "
-                f"({', '.join(differing)}; see {path}). Restart with the same flags to resume, use "
-                f"another --model_dir, or pass --overwrite to discard that run."
-            )
-    _remove_partial_files(config.model_dir)
-    write_json_atomic(path, wanted)
-
-
-def _remove_partial_files(model_dir: str) -> None:
-    """Temporary files a killed run left behind (their complete versions were never renamed in)."""
-    for directory in (model_dir, os.path.join(model_dir, "checkpoints")):
-        for name in os.listdir(directory):
-            if name.startswith(TEMPORARY_PREFIX):
-                os.remove(os.path.join(directory, name))
-
-
-def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        keys = set(a) | set(b)
-        return [k for key in keys for k in _differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
-    return [] if a == b else [prefix.rstrip(".")]
+    atomic.write_with(path, model.save_weights, suffix=".weights.h5")
 
 
 def initial_stage_state(stage: StageConfig) -> dict[str, Any]:
@@ -336,7 +176,7 @@ class StageCheckpoint(keras.callbacks.Callback):
             self.state["best_val_loss"] = val_loss
             self.state["best_epoch"] = epoch
         self.state["history"].append({"epoch": epoch, **logs})
-        write_text_atomic(self.paths.history_csv, history_csv_text(self.state["history"]))
+        atomic.write_text(self.paths.history_csv, history_csv_text(self.state["history"]))
         save_weights_atomic(self.model, self.paths.last_weights)
         self.state.update(
             epochs_completed=epoch + 1,
@@ -345,7 +185,7 @@ class StageCheckpoint(keras.callbacks.Callback):
             early_stopping=self.early_stopping.get_state(),
             reduce_lr=self.reduce_lr.get_state(),
         )
-        write_json_atomic(self.paths.state, self.state)
+        atomic.write_json(self.paths.state, self.state)
         if improved:
             os.replace(self.paths.pending_best_model(epoch), self.paths.best_model)
             logging.info("Epoch %d: val_loss %.5f improved on %s, saved %s", epoch + 1, val_loss, best,
@@ -430,6 +270,23 @@ def train_class_weights(config: TrainConfig, class_counts: dict[str, int]) -> di
     return class_weights
 
 
+def steps_per_epoch(config: TrainConfig, stage: StageConfig, replicas: int, num_train: int,
+                    num_val: int) -> int:
+    """Train steps per epoch; a batch that the splits cannot fill is an error naming its flag."""
+    global_batch = stage.batch_size * replicas
+    where = f"{replicas} replica(s) = {global_batch}"
+    if num_train < global_batch:
+        raise ValueError(f"--{stage.name}_batch_size={stage.batch_size} x {where} is more than the "
+                         f"{num_train} train examples in {config.data.data_dir}")
+    if replicas > 1 and num_val < global_batch:
+        # Keras builds the model from the first val batch, which must be a whole global batch.
+        raise ValueError(f"--{stage.name}_batch_size={stage.batch_size} x {where} is more than the "
+                         f"{num_val} val examples in {config.data.data_dir}: with several replicas val "
+                         f"must hold one global batch")
+    steps = num_train // global_batch
+    return min(steps, config.steps_per_epoch) if config.steps_per_epoch else steps
+
+
 def make_datasets(config: TrainConfig, stage: StageConfig, strategy: tf.distribute.Strategy,
                   class_weights: dict[int, float] | None):
     """(distributed train dataset repeating forever, val dataset, steps per epoch).
@@ -439,14 +296,8 @@ def make_datasets(config: TrainConfig, stage: StageConfig, strategy: tf.distribu
     replicas = strategy.num_replicas_in_sync
     global_batch = stage.batch_size * replicas
     num_train = input_pipeline.split_num_examples(config.data.data_dir, "train")
-    steps = num_train // global_batch
-    if steps == 0:
-        raise ValueError(
-            f"--{stage.name}_batch_size={stage.batch_size} x {replicas} replica(s) = {global_batch} is "
-            f"more than the {num_train} train examples in {config.data.data_dir}"
-        )
-    if config.steps_per_epoch:
-        steps = min(steps, config.steps_per_epoch)
+    num_val = input_pipeline.split_num_examples(config.data.data_dir, "val")
+    steps = steps_per_epoch(config, stage, replicas, num_train, num_val)
     augment = config.augment if config.augment.placement == "cpu" else None
 
     def train_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
@@ -461,7 +312,6 @@ def make_datasets(config: TrainConfig, stage: StageConfig, strategy: tf.distribu
     # Val keeps its last partial batch; Keras splits each global batch over the replicas itself.
     # (Keras 3 builds the model from the first val batch, so with several replicas the val split
     # must hold at least one full global batch.) A known length spares Keras a run-out warning.
-    num_val = input_pipeline.split_num_examples(config.data.data_dir, "val")
     val = input_pipeline.create_dataset(config.data, "val", global_batch, training=False).apply(
         tf.data.experimental.assert_cardinality(-(-num_val // global_batch)))
     logging.info("Stage %s: global batch %d (%d x %d replicas), %d steps per epoch",
@@ -526,11 +376,11 @@ def run_stage(config: TrainConfig, stage: StageConfig, strategy: tf.distribute.S
               class_weights: dict[int, float] | None, extra_callbacks=()) -> dict[str, float]:
     """Trains one stage to completion (or resumes it) and returns its best model's val metrics."""
     paths = stage_paths(config.model_dir, stage.name)
-    state = _read_json(paths.state) if os.path.exists(paths.state) else initial_stage_state(stage)
+    state = run_dir.read_json(paths.state) if os.path.exists(paths.state) else initial_stage_state(stage)
     settle_pending_best(paths, state)
     if state["completed"]:
         logging.info("Stage %s already completed in %s; not rerun", stage.name, config.model_dir)
-        return _read_json(os.path.join(config.model_dir, METRICS_FILE))[stage.name]
+        return run_dir.read_json(os.path.join(config.model_dir, run_dir.METRICS_FILE))[stage.name]
     train, val, steps = make_datasets(config, stage, strategy, class_weights)
     with strategy.scope():
         model = build_stage_model(config, stage, state, paths)
@@ -559,32 +409,10 @@ def run_stage(config: TrainConfig, stage: StageConfig, strategy: tf.distribute.S
     metrics = {f"val_{key}": float(value) for key, value in results.items()}
     metrics.update(best_epoch=state["best_epoch"], epochs_run=state["epochs_completed"],
                    steps_per_epoch=steps, seconds_this_run=round(time.monotonic() - started, 1))
-    _record_stage_metrics(config.model_dir, stage.name, metrics)
+    run_dir.record_stage_metrics(config.model_dir, stage.name, metrics)
     state["completed"] = True
-    write_json_atomic(paths.state, state)
+    atomic.write_json(paths.state, state)
     return metrics
-
-
-def _record_stage_metrics(model_dir: str, stage: str, metrics: dict[str, Any]) -> None:
-    path = os.path.join(model_dir, METRICS_FILE)
-    all_metrics = _read_json(path) if os.path.exists(path) else {}
-    all_metrics[stage] = metrics
-    write_json_atomic(path, all_metrics)
-
-
-def op_error_summary(message: str) -> str:
-    """The cause in a TensorFlow error message, in one line: e.g. the input pipeline's assertion
-    naming a corrupt shard, without the "Graph execution error" preamble, the node's stack, the
-    tf.data iterator path and the op names TensorFlow adds."""
-    noise = ("Graph execution error", "Detected at node", "File ", "[[", "<stack traces unavailable>")
-    lines = [line.strip() for line in message.splitlines()]
-    cause = next((line for line in lines if line and not line.startswith(noise)), " ".join(message.split()))
-    if "with iterator: " in cause:  # raised in a tf.data function: "...with iterator: <path>: <cause>"
-        cause = cause.split("with iterator: ", 1)[1].partition(": ")[2] or cause
-    cause = cause.split(" [Op:")[0].strip()
-    if cause.startswith("assertion failed: [") and cause.endswith("]"):
-        cause = cause[len("assertion failed: ["):-1]
-    return cause.replace("\\'", "'")  # tf.debugging.Assert prints strings with quotes escaped
 
 
 def _check_weights_before_data(config: TrainConfig) -> None:
@@ -598,11 +426,8 @@ def _check_weights_before_data(config: TrainConfig) -> None:
         keras.backend.clear_session()
 
 
-def train_and_evaluate(config: TrainConfig, overwrite: bool = False,
-                       extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict[str, Any]:
-    """Runs the configured stages in `config.model_dir` (resuming a killed run) and returns the
-    val metrics of each stage's best model (also in metrics.json)."""
-    _check_weights_before_data(config)
+def _check_dataset(config: TrainConfig) -> dict[str, Any]:
+    """The dataset's manifest, once its image size and splits are known to suit the run."""
     manifest = features.read_manifest(config.data.data_dir)
     if int(manifest["image_size"]) != config.data.image_size:
         raise ValueError(
@@ -610,18 +435,48 @@ def train_and_evaluate(config: TrainConfig, overwrite: bool = False,
             f"{manifest['image_size']}x{manifest['image_size']} images; pass that size or rebuild the "
             f"dataset with cxr-build-tfrecords --image_size={config.data.image_size}"
         )
-    prepare_model_dir(config, overwrite=overwrite)
-    keras.utils.set_random_seed(config.data.seed)
-    if config.data.deterministic:
-        tf.config.experimental.enable_op_determinism()
+    for split in ("train", "val"):
+        features.split_info(manifest, split, config.data.data_dir)
+    return manifest
+
+
+def _check_batches_fit(config: TrainConfig, manifest: dict[str, Any], replicas: int) -> None:
+    """The batch size of every stage to run against the splits."""
+    num_train, num_val = (int(manifest["splits"][split]["num_examples"]) for split in ("train", "val"))
+    for name in config.stages:
+        steps_per_epoch(config, config.frozen if name == "frozen" else config.finetune, replicas,
+                        num_train, num_val)
+
+
+def train_and_evaluate(config: TrainConfig, overwrite: bool = False,
+                       extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict[str, Any]:
+    """Runs the configured stages in `config.model_dir` (resuming a killed run) and returns the
+    val metrics of each stage's best model (also in metrics.json).
+
+    Nothing is written until every check has passed; the model dir is locked for the whole run.
+    """
+    run_dir.check_model_dir(config)
+    manifest = _check_dataset(config)
+    # Both checks build throwaway models and clear Keras' session, which resets the precision policy.
+    _check_weights_before_data(config)
+    if "finetune" in config.stages and not config.model.train_base:
+        model_lib.check_fine_tune_at(config.model.fine_tune_at)
     precision_lib.set_precision_policy(config.mixed_precision)
     strategy = precision_lib.choose_strategy(config.distribution)
-    counts = features.split_info(manifest, "train", config.data.data_dir)["class_counts"]
-    class_weights = train_class_weights(config, counts)
-    results = {}
-    for name in config.stages:
-        stage = config.frozen if name == "frozen" else config.finetune
-        results[name] = run_stage(config, stage, strategy, class_weights, extra_callbacks)
-    last_best = stage_paths(config.model_dir, config.stages[-1]).best_model
-    copy_atomic(last_best, os.path.join(config.model_dir, FINAL_MODEL_FILE))
+    _check_batches_fit(config, manifest, strategy.num_replicas_in_sync)
+    os.makedirs(config.model_dir, exist_ok=True)
+    with locking.exclusive_lock(locking.lock_path_inside(config.model_dir),
+                                f"--model_dir={config.model_dir}", PROGRAM):
+        run_dir.prepare(config, features.manifest_fingerprint(manifest), overwrite=overwrite)
+        keras.utils.set_random_seed(config.data.seed)
+        if config.data.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        counts = features.split_info(manifest, "train", config.data.data_dir)["class_counts"]
+        class_weights = train_class_weights(config, counts)
+        results = {}
+        for name in config.stages:
+            stage = config.frozen if name == "frozen" else config.finetune
+            results[name] = run_stage(config, stage, strategy, class_weights, extra_callbacks)
+        last_best = stage_paths(config.model_dir, config.stages[-1]).best_model
+        atomic.copy_file(last_best, os.path.join(config.model_dir, run_dir.FINAL_MODEL_FILE))
     return results

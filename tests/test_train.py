@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cxr_tfdata import input_pipeline, train
+from cxr_tfdata import atomic, cli, input_pipeline, run_dir, train
 from cxr_tfdata.config import AugmentConfig, DataConfig, ModelConfig, StageConfig, TrainConfig
 from tests.helpers import write_tiny_dataset
 
@@ -62,6 +62,10 @@ def _config(data_dir, model_dir, stage="frozen", **overrides) -> TrainConfig:
         mixed_precision="mixed_bfloat16",
         **overrides,
     )
+
+
+def _prepare(config, overwrite=False):
+    run_dir.prepare(config, "sha256:test-dataset", overwrite=overwrite)
 
 
 def _history(model_dir, stage):
@@ -183,50 +187,67 @@ def test_finetune_stage_starts_from_frozen_best_and_learns(frozen_run, data_dir)
     assert metrics["finetune"]["epochs_run"] == 2
 
 
+def _commit_an_epoch(model_dir):
+    """What a completed epoch leaves: a state file (the resume checks look for one)."""
+    state = train.initial_stage_state(StageConfig())
+    atomic.write_json(run_dir.stage_paths(str(model_dir), "frozen").state, {**state, "epochs_completed": 1})
+
+
 def test_restart_with_different_settings_is_refused_naming_them(data_dir, tmp_path):
-    train.prepare_model_dir(_config(data_dir, tmp_path))
-    (tmp_path / "checkpoints" / ".tmp-123-frozen_last.weights.h5").write_bytes(b"half")
-    train.prepare_model_dir(_config(data_dir, tmp_path))  # same settings: resumes
-    assert os.listdir(tmp_path / "checkpoints") == []  # a killed save's leftovers are gone
+    _prepare(_config(data_dir, tmp_path))
+    _commit_an_epoch(tmp_path)
+    (tmp_path / "checkpoints" / ".tmp-999999999-0123abcd-frozen_last.weights.h5").write_bytes(b"half")
+    _prepare(_config(data_dir, tmp_path))  # same settings: resumes
+    assert os.listdir(tmp_path / "checkpoints") == ["frozen_state.json"]  # a killed save's leftover is gone
     changed = _config(data_dir, tmp_path, steps_per_epoch=3)
-    with pytest.raises(train.ConfigMismatchError, match="steps_per_epoch"):
-        train.prepare_model_dir(changed)
-    train.prepare_model_dir(changed, overwrite=True)
+    with pytest.raises(run_dir.ConfigMismatchError, match="steps_per_epoch"):
+        _prepare(changed)
+    _prepare(changed, overwrite=True)
     assert json.loads((tmp_path / "config.json").read_text())["steps_per_epoch"] == 3
 
 
+def test_a_run_without_a_completed_epoch_takes_corrected_settings_without_overwrite(data_dir, tmp_path):
+    _prepare(_config(data_dir, tmp_path, steps_per_epoch=3))
+    _prepare(_config(data_dir, tmp_path, steps_per_epoch=2))  # nothing to resume: no --overwrite needed
+    assert json.loads((tmp_path / "config.json").read_text())["steps_per_epoch"] == 2
+
+
 def test_resume_may_change_settings_that_do_not_change_results(data_dir, tmp_path):
-    train.prepare_model_dir(_config(data_dir, tmp_path))
+    _prepare(_config(data_dir, tmp_path))
+    _commit_an_epoch(tmp_path)
     cache_dir = str(tmp_path / "cache")
     faster = _config(data_dir, tmp_path, stage="finetune", jit_compile=True, distribution="default")
     faster = dataclasses.replace(faster, data=dataclasses.replace(faster.data, cache="file", cache_dir=cache_dir))
-    train.prepare_model_dir(faster)
+    _prepare(faster)
     written = json.loads((tmp_path / "config.json").read_text())
     assert written["jit_compile"] and written["distribution"] == "default"
     assert (written["data"]["cache"], written["data"]["cache_dir"]) == ("file", cache_dir)
-    with pytest.raises(train.ConfigMismatchError, match=r"\(data\.shuffle_buffer;"):
-        train.prepare_model_dir(dataclasses.replace(
+    with pytest.raises(run_dir.ConfigMismatchError, match=r"\(data\.shuffle_buffer;"):
+        _prepare(dataclasses.replace(
             faster, data=dataclasses.replace(faster.data, shuffle_buffer=7)))
 
 
 def test_overwrite_removes_every_output_of_the_earlier_run_and_nothing_else(data_dir, tmp_path):
-    train.prepare_model_dir(_config(data_dir, tmp_path))
-    files, directories = train.run_output_paths(str(tmp_path))
+    _prepare(_config(data_dir, tmp_path))
+    files, directories = run_dir.run_output_paths(str(tmp_path))
     for path in files:
-        with open(path, "w") as f:
-            f.write("stale")
+        if os.path.basename(path) != "config.json":  # the run's own config.json marks the folder as a run
+            with open(path, "w") as f:
+                f.write("stale")
     for path in directories:
-        os.makedirs(path)
-        with open(os.path.join(path, "events.out.tfevents"), "w") as f:
+        os.makedirs(os.path.join(path, "train"))
+        with open(os.path.join(path, "train", "events.out.tfevents.1764300000.host.7.0.v2"), "w") as f:
             f.write("stale")
     (tmp_path / "notes.txt").write_text("the user's")
-    with open(train.stage_paths(str(tmp_path), "finetune").pending_best_model(3), "w") as f:
+    (tmp_path / "logs" / "frozen" / "plot.png").write_text("the user's")
+    with open(run_dir.stage_paths(str(tmp_path), "finetune").pending_best_model(3), "w") as f:
         f.write("stale")
     (tmp_path / "checkpoints" / "mine.txt").write_text("the user's")
-    train.prepare_model_dir(_config(data_dir, tmp_path), overwrite=True)
+    _prepare(_config(data_dir, tmp_path), overwrite=True)
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
-    assert left == ["checkpoints/mine.txt", "config.json", "notes.txt"]
-    assert not (tmp_path / "logs").exists()
+    assert left == ["checkpoints/mine.txt", "config.json", "logs/frozen/plot.png", "notes.txt"]
+    assert (tmp_path / "logs" / "frozen" / "plot.png").read_text() == "the user's"
+    assert not (tmp_path / "logs" / "finetune").exists()
     assert json.loads((tmp_path / "config.json").read_text())["stage"] == "frozen"
     for name in ("frozen_best.keras", "finetune_best.keras", "final.keras", "metrics.json",
                  "history_frozen.csv", "history_finetune.csv", "checkpoints/frozen_state.json",
@@ -235,6 +256,7 @@ def test_overwrite_removes_every_output_of_the_earlier_run_and_nothing_else(data
 
 
 def test_finetune_after_overwrite_does_not_start_from_the_old_runs_frozen_model(data_dir, tmp_path):
+    _prepare(_config(data_dir, tmp_path))
     stale = tmp_path / "frozen_best.keras"
     stale.write_bytes(b"a model of the discarded run")
     with pytest.raises(FileNotFoundError, match="frozen_best.keras not found.*--stage=frozen"):
@@ -273,7 +295,7 @@ def _tiny_compiled_model():
 
 def test_best_model_is_replaced_only_when_val_loss_improves_on_the_persisted_best(tmp_path):
     stage = StageConfig()
-    paths = train.stage_paths(str(tmp_path), "frozen")
+    paths = run_dir.stage_paths(str(tmp_path), "frozen")
     os.makedirs(os.path.dirname(paths.state))
     model = _tiny_compiled_model()
     state = train.initial_stage_state(stage)
@@ -302,7 +324,7 @@ def _checkpoint_callback(paths, state, model):
 
 
 def test_best_model_always_belongs_to_the_committed_best_epoch(tmp_path, monkeypatch):
-    paths = train.stage_paths(str(tmp_path), "frozen")
+    paths = run_dir.stage_paths(str(tmp_path), "frozen")
     os.makedirs(os.path.dirname(paths.state))
     model = _tiny_compiled_model()
     _checkpoint_callback(paths, train.initial_stage_state(StageConfig()), model).on_epoch_end(
@@ -314,13 +336,13 @@ def test_best_model_always_belongs_to_the_committed_best_epoch(tmp_path, monkeyp
         raise Interrupted(f"killed before writing {path}")
 
     # Killed after saving epoch 1's better model, before the state file committed epoch 1.
-    committed = train._read_json(paths.state)
+    committed = run_dir.read_json(paths.state)
     with monkeypatch.context() as patch:
-        patch.setattr(train, "write_json_atomic", killed)
+        patch.setattr(atomic, "write_json", killed)
         with pytest.raises(Interrupted):
             _checkpoint_callback(paths, committed, model).on_epoch_end(1, {"loss": 0.5, "val_loss": 0.4})
     assert _digest(paths.best_model) == epoch0_model
-    restarted = train._read_json(paths.state)
+    restarted = run_dir.read_json(paths.state)
     assert restarted["best_epoch"] == 0
     train.settle_pending_best(paths, restarted)
     assert _digest(paths.best_model) == epoch0_model and not paths.pending_best_models()
@@ -332,7 +354,7 @@ def test_best_model_always_belongs_to_the_committed_best_epoch(tmp_path, monkeyp
     assert epoch1_model != epoch0_model
     os.replace(paths.best_model, paths.pending_best_model(1))
     shutil.copyfile(tmp_path / "epoch0.keras", paths.best_model)
-    train.settle_pending_best(paths, train._read_json(paths.state))
+    train.settle_pending_best(paths, run_dir.read_json(paths.state))
     assert _digest(paths.best_model) == epoch1_model and not paths.pending_best_models()
 
 
@@ -404,4 +426,4 @@ def test_corrupt_train_shard_is_named(tmp_path):
      "Invalid PNG data"),
 ])
 def test_tensorflow_errors_are_summarized_in_one_line(message, expected):
-    assert train.op_error_summary(message) == expected
+    assert cli.op_error_summary(message) == expected

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 from absl import app, flags, logging
 
@@ -142,31 +141,17 @@ def config_from_flags() -> config_lib.TrainConfig:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        config = config_from_flags()  # before TensorFlow is imported: flag errors come at once
-    except (ValueError, FileNotFoundError) as e:
-        print(f"cxr-train: error: {e}", file=sys.stderr)
-        return 1
-    import tensorflow as tf
-
-    from cxr_tfdata import model as model_lib
+    config = config_from_flags()  # before TensorFlow is imported: flag errors come at once
     from cxr_tfdata import train
 
-    try:
-        metrics = train.train_and_evaluate(config, overwrite=_OVERWRITE.value)
-    except (ValueError, FileNotFoundError, model_lib.WeightsUnavailableError) as e:
-        print(f"cxr-train: error: {e}", file=sys.stderr)
-        return 1
-    except tf.errors.OpError as e:  # e.g. a corrupt shard: the pipeline's message names it
-        print(f"cxr-train: error: {train.op_error_summary(e.message)}", file=sys.stderr)
-        return 1
+    metrics = train.train_and_evaluate(config, overwrite=_OVERWRITE.value)
     logging.info("Done: %s", config.model_dir)
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
 
 
 def run():
-    run_main(main, __name__)
+    run_main(main, __name__, "cxr-train")
 
 
 if __name__ == "__main__":
