@@ -11,23 +11,24 @@ Conventions, used everywhere in this package:
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import dataclasses
-import io
-import json
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
 from sklearn import metrics as skm
 
+from cxr_tfdata import atomic, features, locking, model_io, outputs, tables
 from cxr_tfdata import config as config_lib
-from cxr_tfdata import features, model_io
 
 HEADLINE_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
 DEFAULT_THRESHOLD = 0.5
 CONFIDENCE = 0.95
+PROGRAM = "cxr-evaluate"
+# Everything cxr-evaluate writes into --output_dir; no other file there is touched.
+EVALUATION_FILES = ("metrics.json", "report.md", "predictions.csv", "roc.png", "pr.png",
+                    "confusion_matrix.png", "calibration.png")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +45,16 @@ class EvaluateConfig:
     bootstrap_samples: int = 1000
     seed: int = 0
     batch_size: int = 32
+    overwrite: bool = False  # write into a non-empty --output_dir that cxr-evaluate did not write
 
     def __post_init__(self):
         _require(bool(self.model_path), "model", "is required")
         _require(bool(self.data_dir), "data_dir", "is required")
         _require(bool(self.output_dir), "output_dir", "is required")
+        _require(self.threshold is not None or self.val_split != self.split, "val_split",
+                 f"is --split={self.split!r}: the operating threshold would be chosen on the very data it "
+                 f"is evaluated on, which flatters every metric at it; choose it on another split "
+                 f"(e.g. val) or pass a fixed --threshold")
         _require(0.0 < self.target_recall <= 1.0, "target_recall", f"must be in (0, 1], got {self.target_recall}")
         _require(self.threshold is None or 0.0 <= self.threshold <= 1.0, "threshold", f"must be in [0, 1], got {self.threshold}")
         _require(self.bootstrap_samples >= 0, "bootstrap_samples", f"must be >= 0, got {self.bootstrap_samples}")
@@ -280,46 +286,24 @@ def operating_point(config: EvaluateConfig, val_predictions: SplitPredictions | 
     }
 
 
-def give_new_file_mode(path: str) -> None:
-    """Sets the mode open() would have given a new file (0o666 less the umask).
-
-    mkstemp creates its files 0600, so without this every report would be unreadable to the
-    group and others whatever the user's umask says.
-    """
-    umask = os.umask(0)
-    os.umask(umask)  # reading the umask means setting it; put it straight back
-    os.chmod(path, 0o666 & ~umask)
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Writes `path` through a temporary file in the same directory, so it is never half-written."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        give_new_file_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def predictions_csv(predictions: SplitPredictions) -> str:
-    """filename, patient_id, label (0 NORMAL / 1 PNEUMONIA), probability: enough to recompute every metric."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["filename", "patient_id", "label", "probability"])
-    for row in zip(predictions.filenames, predictions.patient_ids, predictions.labels.tolist(),
-                   predictions.probabilities.tolist(), strict=True):
-        writer.writerow([row[0], row[1], row[2], f"{row[3]:.9g}"])
-    return buf.getvalue()
+    """filename, patient_id, label (0 NORMAL / 1 PNEUMONIA), probability: enough to recompute every metric.
+
+    Text cells that a spreadsheet would run as a formula start with a single quote (tables.safe_cell).
+    """
+    rows = zip(predictions.filenames, predictions.patient_ids, predictions.labels.tolist(),
+               (f"{p:.9g}" for p in predictions.probabilities.tolist()), strict=True)
+    return tables.csv_text(["filename", "patient_id", "label", "probability"], rows)
 
 
-def evaluate(config: EvaluateConfig) -> dict[str, Any]:
-    """Runs the model over the split (and val), writes metrics.json, report.md, plots, predictions.csv."""
-    from cxr_tfdata import plots
-
+def _check_inputs(config: EvaluateConfig) -> tuple[Any, int]:
+    """Loads the model and checks it against the dataset and the output folder, before any work."""
+    inputs = {"--model": config.model_path, "--data_dir": config.data_dir}
+    # The folder only receives files of fixed names, so it may hold the model it evaluates; none of
+    # those files may be an input.
+    outputs.check_apart("--output_dir", config.output_dir, inputs, may_contain_inputs=True)
+    for name in EVALUATION_FILES:
+        outputs.check_apart("--output_dir", os.path.join(config.output_dir, name), inputs)
     model = model_io.load_model(config.model_path)
     image_size = model_io.model_image_size(model, config.model_path)
     manifest = features.read_manifest(config.data_dir)
@@ -327,21 +311,48 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     if config.threshold is None:
         features.split_info(manifest, config.val_split, config.data_dir)
     model_io.check_image_size(image_size, int(manifest["image_size"]), config.model_path, config.data_dir)
+    return model, image_size
 
-    predictions = predict_split(model, config.data_dir, config.split, image_size, config.batch_size)
-    val_predictions = None
-    if config.threshold is None:
-        val_predictions = predict_split(
-            model, config.data_dir, config.val_split, image_size, config.batch_size
-        )
-    metrics = build_metrics(config, predictions, operating_point(config, val_predictions))
 
-    os.makedirs(config.output_dir, exist_ok=True)
-    out = lambda name: os.path.join(config.output_dir, name)  # noqa: E731
-    write_text_atomic(out("predictions.csv"), predictions_csv(predictions))
-    plots.write_all(predictions.labels, predictions.probabilities, metrics, config.output_dir)
-    write_text_atomic(out("report.md"), markdown_report(metrics, predictions))
-    write_text_atomic(out("metrics.json"), json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+@contextlib.contextmanager
+def claimed_output_dir(config: EvaluateConfig):
+    """The output folder, locked and claimed for cxr-evaluate (see outputs.claim_folder) for the
+    with-block; a folder this run created is removed again when the run fails."""
+    folder = config.output_dir
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise outputs.UnsafeOutputError(f"--output_dir={folder} is a file, not a folder")
+    created = not os.path.lexists(folder)
+    os.makedirs(folder, exist_ok=True)
+    try:
+        with locking.exclusive_lock(locking.lock_path_inside(folder), f"--output_dir={folder}", PROGRAM):
+            outputs.claim_folder("--output_dir", folder, PROGRAM, EVALUATION_FILES, config.overwrite,
+                                 ignore=[locking.LOCK_NAME])
+            yield folder
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, outputs.FOLDER_MARKER))
+                os.rmdir(folder)
+        raise
+
+
+def evaluate(config: EvaluateConfig) -> dict[str, Any]:
+    """Runs the model over the split (and val), writes metrics.json, report.md, plots, predictions.csv."""
+    from cxr_tfdata import plots
+
+    model, image_size = _check_inputs(config)
+    with claimed_output_dir(config) as folder:
+        predictions = predict_split(model, config.data_dir, config.split, image_size, config.batch_size)
+        val_predictions = None
+        if config.threshold is None:
+            val_predictions = predict_split(
+                model, config.data_dir, config.val_split, image_size, config.batch_size
+            )
+        metrics = build_metrics(config, predictions, operating_point(config, val_predictions))
+        atomic.write_text(os.path.join(folder, "predictions.csv"), predictions_csv(predictions))
+        plots.write_all(predictions.labels, predictions.probabilities, metrics, folder)
+        atomic.write_text(os.path.join(folder, "report.md"), markdown_report(metrics, predictions))
+        atomic.write_json(os.path.join(folder, "metrics.json"), metrics)
     return metrics
 
 

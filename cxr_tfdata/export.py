@@ -13,19 +13,22 @@ records were built with (cxr-export --data_dir reads them from the dataset's man
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
-import tempfile
 
 import keras
 import tensorflow as tf
 
-from cxr_tfdata import model_io, predict
+from cxr_tfdata import features, folder_swap, locking, model_io, outputs, predict
 from tfrecords_builder import imaging
 
 SIGNATURE_KEY = "serving_default"
 INPUT_KEY = "image_bytes"
 OUTPUT_KEY = "probability"
+PROGRAM = "cxr-export"
+# The export's description, readable without TensorFlow; its presence marks cxr-export's folders.
+DESCRIPTION_ASSET = os.path.basename(outputs.EXPORT_MARKER)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,14 +112,16 @@ def serving_function(model: keras.Model, image_size: int, pad: bool = False, jpe
 
 
 class ServingModule(tf.Module):
-    """What the SavedModel holds: the serving function and exactly the variables it reads.
+    """What the SavedModel holds: the serving function, exactly the variables it reads, and the
+    description asset.
 
     The variables are tracked as the tf.Variables the traced graph captures (not through the Keras
     model object), so each is saved once and TF1-style loaders such as `saved_model_cli run` restore
     them by the names the graph uses.
     """
 
-    def __init__(self, model: keras.Model, pad: bool = False, jpeg_quality: int | None = None):
+    def __init__(self, model: keras.Model, pad: bool = False, jpeg_quality: int | None = None,
+                 description_path: str | None = None):
         super().__init__(name="cxr_serving")
         self.image_size = model_io.model_image_size(model)
         self.serve = tf.function(
@@ -124,47 +129,80 @@ class ServingModule(tf.Module):
             input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_KEY)],
         )
         self.captured_variables = list(self.serve.get_concrete_function().variables)
+        if description_path:
+            self.description = tf.saved_model.Asset(description_path)
+
+
+def description(image_size: int, pad: bool, jpeg_quality: int | None, model_path: str = "") -> dict:
+    """assets/cxr_export.json: what the export expects and returns, readable without TensorFlow."""
+    return {
+        "written_by": PROGRAM,
+        "source_model": os.path.abspath(model_path) if model_path else "",
+        "signature": SIGNATURE_KEY,
+        "input": {INPUT_KEY: "tf.string [None]: encoded JPEG or PNG bytes, any size, gray or colour"},
+        "outputs": {OUTPUT_KEY: "float32 [None]: probability of PNEUMONIA"},
+        "image_size": image_size,
+        "resize": "pad" if pad else "squash",
+        "record_encoding": "jpeg" if jpeg_quality is not None else "png",
+        "jpeg_quality": jpeg_quality,
+        "class_names": list(features.CLASS_NAMES),
+        "max_image_pixels": imaging.MAX_IMAGE_PIXELS,
+    }
+
+
+def check_output(output_dir: str, overwrite: bool, inputs: dict[str, str]) -> None:
+    """Refuses an output that overlaps an input, or exists and is not an export to replace."""
+    outputs.check_apart("--output_dir", output_dir, inputs)
+    if not os.path.lexists(output_dir):
+        return
+    if not overwrite:
+        raise FileExistsError(f"--output_dir: {output_dir} already exists (pass --overwrite to replace "
+                              f"it; only a SavedModel written by cxr-export is replaced)")
+    outputs.check_replaceable("--output_dir", output_dir, "a SavedModel written by cxr-export",
+                              outputs.saved_model_problems(output_dir))
 
 
 def export_saved_model(model: keras.Model, output_dir: str, overwrite: bool = False, pad: bool = False,
-                       jpeg_quality: int | None = None) -> str:
+                       jpeg_quality: int | None = None, model_path: str = "", data_dir: str = "") -> str:
     """Writes the SavedModel beside `output_dir` and renames it into place only when complete.
 
+    An existing output_dir is replaced only with `overwrite`, and only when it is an export of this
+    binary holding nothing else; an output overlapping the model file or the dataset is refused.
     A plain tf.Module rather than keras.export.ExportArchive: the archive (Keras 3.15) writes every
     variable twice (once per Keras variable, once per captured tf.Variable), doubling the size of a
     ResNet50V2 export.
     """
     output_dir = os.path.abspath(output_dir)
-    if os.path.exists(output_dir) and not overwrite:
-        raise FileExistsError(f"--output_dir: {output_dir} already exists (pass --overwrite to replace it)")
+    inputs = {"--model": model_path, "--data_dir": data_dir}
+    check_output(output_dir, overwrite, inputs)
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
-    module = ServingModule(model, pad, jpeg_quality)
-    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output_dir)}.tmp-")
-    try:
-        saved = os.path.join(staging, "saved_model")
-        tf.saved_model.save(module, saved, signatures={SIGNATURE_KEY: module.serve})
-        _replace_dir(saved, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with locking.exclusive_lock(locking.lock_path_beside(output_dir), f"--output_dir={output_dir}", PROGRAM):
+        folder_swap.recover(output_dir)
+        check_output(output_dir, overwrite, inputs)  # again, now that no other export can change it
+        staging = folder_swap.staging_path(output_dir)
+        os.makedirs(staging)
+        try:
+            asset = os.path.join(staging, DESCRIPTION_ASSET)
+            with open(asset, "w", encoding="utf-8") as f:
+                json.dump(description(model_io.model_image_size(model), pad, jpeg_quality, model_path), f,
+                          indent=2, sort_keys=True)
+            module = ServingModule(model, pad, jpeg_quality, asset)
+            saved = os.path.join(staging, "saved_model")
+            tf.saved_model.save(module, saved, signatures={SIGNATURE_KEY: module.serve})
+            folder_swap.swap_into_place(saved, output_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return output_dir
-
-
-def _replace_dir(source: str, target: str) -> None:
-    """Renames `source` to `target`; an existing target is moved aside first and removed after."""
-    if not os.path.exists(target):
-        os.rename(source, target)
-        return
-    previous = f"{source}.previous"
-    os.rename(target, previous)
-    os.rename(source, target)
-    shutil.rmtree(previous, ignore_errors=True)
 
 
 def export(config: ExportConfig) -> str:
     """Runs cxr-export: loads the model in safe mode and writes the serving SavedModel."""
+    outputs.check_apart("--output_dir", config.output_dir, {"--model": config.model_path,
+                                                            "--data_dir": config.data_dir})
     model = model_io.load_model(config.model_path)
     image_size = model_io.model_image_size(model, config.model_path)
     predict.check_dataset_image_size(image_size, config.model_path, config.data_dir)
     return export_saved_model(model, config.output_dir, config.overwrite, pad=config.resize == "pad",
-                              jpeg_quality=config.records.round_trip_quality)
+                              jpeg_quality=config.records.round_trip_quality, model_path=config.model_path,
+                              data_dir=config.data_dir)

@@ -52,7 +52,28 @@ def load_model(path: str) -> keras.Model:
         ) from e
     if not isinstance(model, keras.Model):
         raise ModelLoadError(f"--model: {path} holds a {type(model).__name__}, not a Keras model")
+    check_binary_output(model, path)
     return model
+
+
+def check_binary_output(model: keras.Model, path: str = "") -> None:
+    """Refuses a model whose output is not one sigmoid unit, the probability of PNEUMONIA.
+
+    A softmax over two classes, several outputs or raw logits would be read wrongly by every tool
+    here, so they are refused up front rather than giving a wrong probability.
+    """
+    name = path or model.name
+    shapes = [tuple(output.shape) for output in model.outputs]
+    if len(shapes) != 1 or len(shapes[0]) != 2 or shapes[0][1] != 1:
+        raise ModelLoadError(f"--model: {name} outputs {shapes}; expected one sigmoid unit of shape "
+                             f"(None, 1): the probability of PNEUMONIA")
+    history = getattr(model.outputs[0], "_keras_history", None)
+    layer = history[0] if history else None
+    activation = getattr(layer, "activation", None)
+    if activation is not keras.activations.sigmoid:
+        found = getattr(activation, "__name__", None) or "none"
+        raise ModelLoadError(f"--model: {name} ends in layer {getattr(layer, 'name', '?')!r} with activation "
+                             f"{found!r}; expected a sigmoid output unit (the probability of PNEUMONIA)")
 
 
 def model_image_size(model: keras.Model, path: str = "") -> int:

@@ -7,7 +7,6 @@ and each file is written beside its target and renamed into place.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -16,21 +15,13 @@ from matplotlib.figure import Figure
 from sklearn import calibration
 from sklearn import metrics as skm
 
-from cxr_tfdata import evaluate, features
+from cxr_tfdata import atomic, features
 
 
 def _save(figure: Figure, path: str) -> None:
     FigureCanvasAgg(figure)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".png")
-    os.close(fd)
-    try:
-        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        evaluate.give_new_file_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic.write_with(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"),
+                      suffix=".png")
 
 
 def _mark_thresholds(ax, points: list[tuple[float, float, str]]) -> None:

@@ -8,7 +8,6 @@ go on.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import io
 import os
@@ -18,10 +17,11 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from cxr_tfdata import features
+from cxr_tfdata import atomic, features, outputs, tables
 from tfrecords_builder import imaging
 
 CSV_COLUMNS = ("path", "probability", "label", "error")
+PROGRAM = "cxr-predict"
 
 
 # Each reader flag and the cxr-build-tfrecords flag it must repeat (keys of manifest.json "flags").
@@ -103,12 +103,15 @@ class PredictConfig:
     record_encoding: str = imaging.DEFAULT_ENCODING
     jpeg_quality: int = imaging.DEFAULT_JPEG_QUALITY
     data_dir: str = ""  # the training dataset, when given: its image size is checked against the model's
+    max_file_mb: float = imaging.DEFAULT_MAX_FILE_MB
 
     def __post_init__(self):
         if not self.model_path:
             raise ValueError("--model: is required")
         if not self.paths:
             raise ValueError("no image files or folders given (pass them as arguments)")
+        if not self.max_file_mb > 0:
+            raise ValueError(f"--max_file_mb: must be > 0, got {self.max_file_mb}")
         RecordSettings(self.resize, self.record_encoding, self.jpeg_quality)  # validates them
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"--threshold: must be in [0, 1], got {self.threshold}")
@@ -126,10 +129,11 @@ class PredictionRow:
 
 
 def collect_image_paths(paths: list[str] | tuple[str, ...]) -> list[str]:
-    """Files as given, plus every non-hidden file under each folder (recursive, sorted).
+    """Paths as given, plus every non-hidden entry under each folder (recursive, sorted).
 
-    Every file is taken whatever its name: one that is not an image gets its reason on its row,
-    as the converter lists it as skipped, rather than vanishing from the output.
+    Every entry is listed whatever its name or kind: one that is not an image, not a regular file
+    or a symbolic link to a folder (which is not followed) gets its reason on its row, as the
+    converter lists it as skipped, rather than vanishing from the output.
     """
     collected = []
     for path in paths:
@@ -137,23 +141,25 @@ def collect_image_paths(paths: list[str] | tuple[str, ...]) -> list[str]:
             collected.append(path)
             continue
         for root, dirs, files in os.walk(path):
-            dirs.sort()
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            collected.extend(
-                os.path.join(root, name) for name in sorted(files) if not name.startswith(".")
-            )
+            visible = sorted(d for d in dirs if not d.startswith("."))
+            linked = [d for d in visible if os.path.islink(os.path.join(root, d))]
+            dirs[:] = [d for d in visible if d not in linked]
+            names = sorted([n for n in files if not n.startswith(".")] + linked)
+            collected.extend(os.path.join(root, name) for name in names)
     return collected
 
 
 def load_image(path: str, image_size: int, pad: bool, record_encoding: str = "png",
-               jpeg_quality: int = imaging.DEFAULT_JPEG_QUALITY) -> np.ndarray:
+               jpeg_quality: int = imaging.DEFAULT_JPEG_QUALITY,
+               max_file_bytes: int = int(imaging.DEFAULT_MAX_FILE_MB * (1 << 20))) -> np.ndarray:
     """The converter's decode and resize of one file, then its record encoding decoded as the input
-    pipeline decodes it: uint8 [S, S, 1], the pixels training saw. ImageError/OSError on failure.
+    pipeline decodes it: uint8 [S, S, 1], the pixels training saw. ImageError on failure.
 
     "png" is lossless, so the converter's pixels are returned as they are.
     """
-    with open(path, "rb") as f:
-        data = f.read()
+    if os.path.islink(path) and os.path.isdir(path):
+        raise imaging.ImageError("symbolic link to a folder (not followed)")
+    data = imaging.read_source(path, max_file_bytes)
     pixels, _ = imaging.decode_and_resize(data, image_size, pad=pad)
     if record_encoding == "jpeg":
         # TensorFlow's JPEG decoder, as in the input pipeline (PIL's differs by a few levels).
@@ -163,25 +169,24 @@ def load_image(path: str, image_size: int, pad: bool, record_encoding: str = "pn
 
 
 def _read_rows(paths: list[str], image_size: int, pad: bool, record_encoding: str,
-               jpeg_quality: int) -> list[PredictionRow]:
+               jpeg_quality: int, max_file_bytes: int) -> list[PredictionRow]:
     rows = []
     for path in paths:
         row = PredictionRow(path=path)
         try:
-            row.pixels = load_image(path, image_size, pad, record_encoding, jpeg_quality)
+            row.pixels = load_image(path, image_size, pad, record_encoding, jpeg_quality, max_file_bytes)
         except imaging.ImageError as e:
             row.error = f"cannot read image: {e}"
-        except OSError as e:
-            row.error = f"cannot open file: {e.strerror or e}"
         rows.append(row)
     return rows
 
 
 def predict_rows(model: keras.Model, paths: list[str], image_size: int, pad: bool,
                  threshold: float, batch_size: int, record_encoding: str = "png",
-                 jpeg_quality: int = imaging.DEFAULT_JPEG_QUALITY) -> list[PredictionRow]:
+                 jpeg_quality: int = imaging.DEFAULT_JPEG_QUALITY,
+                 max_file_bytes: int = int(imaging.DEFAULT_MAX_FILE_MB * (1 << 20))) -> list[PredictionRow]:
     """One row per path: probability and class name at `threshold`, or the reason it failed."""
-    rows = _read_rows(paths, image_size, pad, record_encoding, jpeg_quality)
+    rows = _read_rows(paths, image_size, pad, record_encoding, jpeg_quality, max_file_bytes)
     readable = [row for row in rows if row.pixels is not None]
     for start in range(0, len(readable), batch_size):
         batch = readable[start:start + batch_size]
@@ -194,12 +199,16 @@ def predict_rows(model: keras.Model, paths: list[str], image_size: int, pad: boo
     return rows
 
 
-def rows_to_csv(rows: list[PredictionRow], stream: io.TextIOBase) -> None:
-    writer = csv.writer(stream, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for row in rows:
-        probability = "" if row.probability is None else f"{row.probability:.9g}"
-        writer.writerow([row.path, probability, row.label, row.error])
+def rows_to_csv(rows: list[PredictionRow]) -> str:
+    """The CSV document; text cells a spreadsheet would run as formulas start with a single quote."""
+    return tables.csv_text(CSV_COLUMNS, (
+        [row.path, "" if row.probability is None else f"{row.probability:.9g}", row.label, row.error]
+        for row in rows))
+
+
+def is_prediction_csv(path: str) -> bool:
+    """True for a CSV that cxr-predict wrote (recognised by its header line)."""
+    return outputs.first_line(path) == ",".join(CSV_COLUMNS)
 
 
 def _output_rank(layer) -> int | None:
@@ -275,31 +284,60 @@ def overlay(pixels: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.n
     return np.clip((1 - alpha) * gray + alpha * colours, 0, 255).round().astype(np.uint8)
 
 
+def gradcam_names(rows: list[PredictionRow]) -> list[str]:
+    """The overlay file name of each readable row: `<stem>_gradcam.png`, a numeric suffix keeping
+    equal stems apart."""
+    used, names = set(), []
+    for row in rows:
+        if row.pixels is None:
+            continue
+        stem = os.path.splitext(os.path.basename(row.path))[0]
+        name, suffix = f"{stem}_gradcam.png", 1
+        while name in used:
+            name, suffix = f"{stem}_gradcam_{suffix}.png", suffix + 1
+        used.add(name)
+        names.append(name)
+    return names
+
+
 def write_gradcams(model: keras.Model, rows: list[PredictionRow], gradcam_dir: str, batch_size: int) -> list[str]:
-    """One `<stem>_gradcam.png` per readable image (a numeric suffix keeps equal stems apart)."""
-    os.makedirs(gradcam_dir, exist_ok=True)
+    """One overlay PNG per readable image, named by `gradcam_names`, into a folder claimed for
+    cxr-predict (new, empty, or holding an earlier run's overlays; see outputs.claim_folder)."""
+    names = gradcam_names(rows)
+    outputs.claim_folder("--gradcam_dir", gradcam_dir, PROGRAM, names, overwrite=False)
     layer = find_gradcam_layer(model)
     readable = [row for row in rows if row.pixels is not None]
-    used, written = set(), []
+    written = []
     for start in range(0, len(readable), batch_size):
         batch = readable[start:start + batch_size]
         heatmaps = gradcam_heatmaps(model, np.stack([row.pixels for row in batch]), layer)
-        for row, heatmap in zip(batch, heatmaps, strict=True):
-            stem = os.path.splitext(os.path.basename(row.path))[0]
-            name, suffix = f"{stem}_gradcam.png", 1
-            while name in used:
-                name, suffix = f"{stem}_gradcam_{suffix}.png", suffix + 1
-            used.add(name)
+        for row, heatmap, name in zip(batch, heatmaps, names[start:start + batch_size], strict=True):
             path = os.path.join(gradcam_dir, name)
-            Image.fromarray(overlay(row.pixels, heatmap), mode="RGB").save(path, format="PNG")
+            image = Image.fromarray(overlay(row.pixels, heatmap), mode="RGB")
+            atomic.write_with(path, lambda tmp, image=image: image.save(tmp, format="PNG"), suffix=".png")
             written.append(path)
     return written
 
 
+def check_outputs(config: PredictConfig) -> None:
+    """Refuses a CSV or Grad-CAM folder that is, holds or lies inside an input, and a CSV path that
+    holds a file cxr-predict did not write."""
+    inputs = {"--model": config.model_path, "--data_dir": config.data_dir}
+    inputs.update({f"image path {i + 1}": path for i, path in enumerate(config.paths)})
+    if config.output_csv:
+        outputs.check_apart("--output_csv", config.output_csv, inputs)
+        outputs.check_file_replaceable("--output_csv", config.output_csv, is_prediction_csv)
+    if config.gradcam_dir:
+        outputs.check_apart("--gradcam_dir", config.gradcam_dir, inputs)
+        if os.path.lexists(config.gradcam_dir) and not os.path.isdir(config.gradcam_dir):
+            raise outputs.UnsafeOutputError(f"--gradcam_dir={config.gradcam_dir} is a file, not a folder")
+
+
 def predict(config: PredictConfig, stream: io.TextIOBase) -> list[PredictionRow]:
     """Runs cxr-predict: the CSV to `config.output_csv` (atomically) or to `stream`."""
-    from cxr_tfdata import evaluate, model_io
+    from cxr_tfdata import model_io
 
+    check_outputs(config)
     model = model_io.load_model(config.model_path)
     image_size = model_io.model_image_size(model, config.model_path)
     check_dataset_image_size(image_size, config.model_path, config.data_dir)
@@ -307,15 +345,13 @@ def predict(config: PredictConfig, stream: io.TextIOBase) -> list[PredictionRow]
     if not paths:
         raise ValueError(f"no image files found in {list(config.paths)}")
     rows = predict_rows(model, paths, image_size, config.resize == "pad", config.threshold,
-                        config.batch_size, config.record_encoding, config.jpeg_quality)
+                        config.batch_size, config.record_encoding, config.jpeg_quality,
+                        int(config.max_file_mb * (1 << 20)))
     if config.gradcam_dir:
         write_gradcams(model, rows, config.gradcam_dir, config.batch_size)
     if config.output_csv:
-        buf = io.StringIO()
-        rows_to_csv(rows, buf)
-        directory = os.path.dirname(os.path.abspath(config.output_csv))
-        os.makedirs(directory, exist_ok=True)
-        evaluate.write_text_atomic(config.output_csv, buf.getvalue())
+        os.makedirs(os.path.dirname(os.path.abspath(config.output_csv)), exist_ok=True)
+        atomic.write_text(config.output_csv, rows_to_csv(rows))
     else:
-        rows_to_csv(rows, stream)
+        stream.write(rows_to_csv(rows))
     return rows

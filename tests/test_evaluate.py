@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_tfdata import evaluate, model_io
+from cxr_tfdata import atomic, evaluate, model_io, outputs
 from tests import eval_fixtures, helpers
 
 
@@ -199,7 +199,8 @@ def test_report_and_plots_written(evaluated):
     for name in ("roc.png", "pr.png", "confusion_matrix.png", "calibration.png"):
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.size[0] > 100
-    assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    # Exactly the evaluation's files and its marker: no temporary file left behind, no lock file.
+    assert sorted(p.name for p in out.iterdir()) == sorted([*evaluate.EVALUATION_FILES, outputs.FOLDER_MARKER])
 
 
 # --- bad input -----------------------------------------------------------------------------------
@@ -279,7 +280,7 @@ def test_written_files_get_the_umask_mode_not_mkstemps_0600(tmp_path, umask):
 
     previous = os.umask(umask)
     try:
-        evaluate.write_text_atomic(str(tmp_path / "metrics.json"), "{}")
+        atomic.write_text(str(tmp_path / "metrics.json"), "{}")
         figure = Figure()
         figure.add_subplot().plot([0, 1], [0, 1])
         plots._save(figure, str(tmp_path / "roc.png"))

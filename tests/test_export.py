@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -104,16 +105,17 @@ def test_in_graph_decode_keeps_model_sized_pixels_exact():
     np.testing.assert_array_equal(larger.numpy(), np.full((32, 32, 1), 77, np.float32))
 
 
-def test_existing_output_refused_and_overwrite_replaces(setup, tmp_path):
+def test_existing_export_refused_and_overwrite_replaces_it(setup, tmp_path):
     target = tmp_path / "saved"
-    target.mkdir()
-    (target / "keep.txt").write_text("not to be lost")
     model = model_io.load_model(str(setup.model_path))
+    export.export_saved_model(model, str(target))
+    first = (target / "saved_model.pb").read_bytes()
     with pytest.raises(FileExistsError, match="--overwrite"):
         export.export_saved_model(model, str(target))
-    assert (target / "keep.txt").exists()
-    export.export_saved_model(model, str(target), overwrite=True)
-    assert (target / "saved_model.pb").exists() and not (target / "keep.txt").exists()
+    assert (target / "saved_model.pb").read_bytes() == first
+    export.export_saved_model(model, str(target), overwrite=True, pad=True)
+    described = json.loads((target / "assets" / "cxr_export.json").read_text())
+    assert described["resize"] == "pad" and described["written_by"] == "cxr-export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"], "staging directories left behind"
 
 

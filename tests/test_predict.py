@@ -113,7 +113,7 @@ def test_bad_files_reported_and_rest_go_on(setup, tmp_path):
     assert rows[str(good)]["label"] in ("NORMAL", "PNEUMONIA")
     assert "truncated" in rows[str(tmp_path / "in" / "corrupt.png")]["error"]
     assert "empty" in rows[str(tmp_path / "empty.jpg")]["error"]
-    assert "No such file" in rows[str(tmp_path / "missing.png")]["error"]
+    assert "no such file" in rows[str(tmp_path / "missing.png")]["error"]
     for path in (tmp_path / "in" / "corrupt.png", tmp_path / "empty.jpg", tmp_path / "missing.png"):
         assert rows[str(path)]["probability"] == "" and rows[str(path)]["label"] == ""
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 
 from cxr_tfdata.cli import run_main
@@ -24,32 +22,32 @@ _BOOTSTRAP_SAMPLES = flags.DEFINE_integer(
     "bootstrap_samples", 1000, "Bootstrap resamples for the 95% intervals (by patient when ids exist); 0 disables.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the bootstrap.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per inference batch.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False,
+    "Write into a non-empty --output_dir that cxr-evaluate did not write, beside what is there. A file of "
+    "the same name as one of cxr-evaluate's (e.g. cxr-train's metrics.json) is never replaced. A folder "
+    "cxr-evaluate wrote before is updated without this flag.")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    import tensorflow as tf
-
     from cxr_tfdata import evaluate
 
-    try:
-        config = evaluate.EvaluateConfig(
-            model_path=_MODEL.value or "",
-            data_dir=_DATA_DIR.value or "",
-            output_dir=_OUTPUT_DIR.value or "",
-            split=_SPLIT.value,
-            val_split=_VAL_SPLIT.value,
-            target_recall=_TARGET_RECALL.value,
-            threshold=_THRESHOLD.value,
-            bootstrap_samples=_BOOTSTRAP_SAMPLES.value,
-            seed=_SEED.value,
-            batch_size=_BATCH_SIZE.value,
-        )
-        metrics = evaluate.evaluate(config)
-    except (ValueError, OSError, tf.errors.OpError) as e:  # a damaged shard is named in its message
-        print(f"cxr-evaluate: error: {e}", file=sys.stderr)
-        return 1
+    config = evaluate.EvaluateConfig(
+        model_path=_MODEL.value or "",
+        data_dir=_DATA_DIR.value or "",
+        output_dir=_OUTPUT_DIR.value or "",
+        split=_SPLIT.value,
+        val_split=_VAL_SPLIT.value,
+        target_recall=_TARGET_RECALL.value,
+        threshold=_THRESHOLD.value,
+        bootstrap_samples=_BOOTSTRAP_SAMPLES.value,
+        seed=_SEED.value,
+        batch_size=_BATCH_SIZE.value,
+        overwrite=_OVERWRITE.value,
+    )
+    metrics = evaluate.evaluate(config)
     boot = metrics["bootstrap"]
     print(f"Split {config.split!r}: {metrics['n']} images. 95% bootstrap intervals by {boot['resampled_by']} "
           f"({boot['samples']} resamples).")
@@ -59,7 +57,7 @@ def main(argv):
 
 
 def run():
-    run_main(main, __name__)
+    run_main(main, __name__, "cxr-evaluate")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import sys
 from absl import flags
 
 from cxr_tfdata.cli import define_record_flags, run_main
+from tfrecords_builder import imaging
 
 _MODEL = flags.DEFINE_string("model", None, "Trained model (.keras); loaded in Keras safe mode.")
 _OUTPUT_CSV = flags.DEFINE_string("output_csv", None, "Write the CSV here instead of stdout.")
@@ -20,29 +21,28 @@ _GRADCAM_DIR = flags.DEFINE_string("gradcam_dir", None, "Write a Grad-CAM overla
 _RECORDS = define_record_flags(__name__)
 _THRESHOLD = flags.DEFINE_float("threshold", 0.5, "Probability at or above which the label is PNEUMONIA.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per inference batch.")
+_MAX_FILE_MB = flags.DEFINE_float("max_file_mb", imaging.DEFAULT_MAX_FILE_MB,
+                                  "Files larger than this are reported on their row and not read.")
 
 
 def main(argv):
     from cxr_tfdata import predict
 
-    try:
-        settings = _RECORDS.settings()
-        config = predict.PredictConfig(
-            model_path=_MODEL.value or "",
-            paths=tuple(argv[1:]),
-            output_csv=_OUTPUT_CSV.value or "",
-            gradcam_dir=_GRADCAM_DIR.value or "",
-            resize=settings.resize,
-            threshold=_THRESHOLD.value,
-            batch_size=_BATCH_SIZE.value,
-            record_encoding=settings.record_encoding,
-            jpeg_quality=settings.jpeg_quality,
-            data_dir=_RECORDS.data_dir.value or "",
-        )
-        rows = predict.predict(config, sys.stdout)
-    except (ValueError, OSError) as e:
-        print(f"cxr-predict: error: {e}", file=sys.stderr)
-        return 1
+    settings = _RECORDS.settings()
+    config = predict.PredictConfig(
+        model_path=_MODEL.value or "",
+        paths=tuple(argv[1:]),
+        output_csv=_OUTPUT_CSV.value or "",
+        gradcam_dir=_GRADCAM_DIR.value or "",
+        resize=settings.resize,
+        threshold=_THRESHOLD.value,
+        batch_size=_BATCH_SIZE.value,
+        record_encoding=settings.record_encoding,
+        jpeg_quality=settings.jpeg_quality,
+        data_dir=_RECORDS.data_dir.value or "",
+        max_file_mb=_MAX_FILE_MB.value,
+    )
+    rows = predict.predict(config, sys.stdout)
     failed = [row for row in rows if row.error]
     for row in failed:
         print(f"cxr-predict: {row.path}: {row.error}", file=sys.stderr)
@@ -53,7 +53,7 @@ def main(argv):
 
 
 def run():
-    run_main(main, __name__)
+    run_main(main, __name__, "cxr-predict")
 
 
 if __name__ == "__main__":
