@@ -1,7 +1,14 @@
 """A serving SavedModel: encoded JPEG/PNG bytes in, pneumonia probability out, preprocessing in-graph.
 
 Signature `serving_default`: input `image_bytes` tf.string [None] (JPEG or PNG, any size, gray or
-colour), output `probability` float32 [None]. In the graph each image is decoded to one channel,
+colour); outputs `probability` float32 [None] and `error` tf.string [None]. One bad image never
+fails the batch: its row has probability NaN and the reason in `error` ("" for a scored image).
+Before anything is decoded, each image's format and size are read from its header bytes: other
+formats, corrupt headers and images announcing more than imaging.MAX_IMAGE_PIXELS pixels are
+refused there (a decompression bomb is never decoded). The rest are decoded in a tf.data pipeline
+that drops undecodable images (`ignore_errors`), and the survivors are scattered back to their
+rows; a decoded image that is near-constant (damaged scan data behind an intact header decodes to
+flat grey) is refused too. In the graph each image is decoded to one channel,
 resized to the model's size with antialiased bilinear filtering (what the converter's PIL resize
 does, approximately) -- squashed to a square, or with resize="pad" letterboxed on black with the
 converter's geometry -- and rounded to integer pixel values in [0, 255], as the converter stores
@@ -26,6 +33,10 @@ from tfrecords_builder import imaging
 SIGNATURE_KEY = "serving_default"
 INPUT_KEY = "image_bytes"
 OUTPUT_KEY = "probability"
+ERROR_KEY = "error"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_HEADER_BYTES = 24  # enough for a PNG's IHDR width and height
 PROGRAM = "cxr-export"
 # The export's description, readable without TensorFlow; its presence marks cxr-export's folders.
 DESCRIPTION_ASSET = os.path.basename(outputs.EXPORT_MARKER)
@@ -92,21 +103,77 @@ def decode_image_bytes(encoded: tf.Tensor, image_size: int, pad: bool = False,
     return tf.cast(tf.io.decode_jpeg(record, channels=1), tf.float32)
 
 
-def serving_function(model: keras.Model, image_size: int, pad: bool = False, jpeg_quality: int | None = None):
-    """The serving computation: a batch of encoded images -> {"probability": float32 [N]}."""
+def _big_endian_uint32(raw: tf.Tensor, offset: int) -> tf.Tensor:
+    """Bytes offset..offset+3 of each row of a [N, K] uint8 tensor as a big-endian int64."""
+    b = tf.cast(raw[:, offset:offset + 4], tf.int64)
+    return b[:, 0] * 16777216 + b[:, 1] * 65536 + b[:, 2] * 256 + b[:, 3]
+
+
+def _all_as_one_batch(dataset: tf.data.Dataset, count: tf.Tensor, sentinel) -> tuple:
+    """Every element of a finite dataset as one batch, plus `sentinel` (index -1) at the end, so
+    that there is always exactly one batch, even when every image was dropped."""
+    ended = dataset.concatenate(tf.data.Dataset.from_tensors(sentinel))
+    return ended.batch(tf.cast(count + 1, tf.int64)).get_single_element()
+
+
+def _header_sizes(image_bytes: tf.Tensor, count: tf.Tensor, index: tf.Tensor):
+    """(is_jpeg, is_png, header_ok, [N, 2] height and width) read from the header bytes only."""
+    head = tf.strings.join([tf.strings.substr(image_bytes, 0, _HEADER_BYTES),
+                            tf.fill([count], b"\0" * _HEADER_BYTES)])  # substr clips short inputs
+    is_jpeg = tf.equal(tf.strings.substr(head, 0, len(_JPEG_MAGIC)), _JPEG_MAGIC)
+    is_png = (tf.equal(tf.strings.substr(head, 0, len(_PNG_MAGIC)), _PNG_MAGIC)
+              & tf.equal(tf.strings.substr(head, 12, 4), b"IHDR"))
+    raw = tf.reshape(tf.io.decode_raw(tf.strings.substr(head, 0, _HEADER_BYTES), tf.uint8), [count, _HEADER_BYTES])
+    png_hw = tf.stack([_big_endian_uint32(raw, 20), _big_endian_uint32(raw, 16)], axis=1)
+    # extract_jpeg_shape reads only the header, but raises on a bad one: run it where errors drop.
+    jpegs = tf.data.Dataset.from_tensor_slices((tf.boolean_mask(index, is_jpeg), tf.boolean_mask(image_bytes, is_jpeg)))
+    jpegs = jpegs.map(lambda i, b: (i, tf.image.extract_jpeg_shape(b, output_type=tf.int64)[:2])).ignore_errors()
+    jpeg_index, jpeg_hw = _all_as_one_batch(jpegs, count, (tf.constant(-1, tf.int32), tf.zeros([2], tf.int64)))
+    kept = jpeg_index >= 0
+    jpeg_index, jpeg_hw = tf.boolean_mask(jpeg_index, kept), tf.boolean_mask(jpeg_hw, kept)
+    jpeg_ok = tf.scatter_nd(jpeg_index[:, None], tf.ones_like(jpeg_index, tf.bool), [count])
+    hw = tf.where(is_jpeg[:, None], tf.scatter_nd(jpeg_index[:, None], jpeg_hw, [count, 2]), png_hw)
+    return is_jpeg, is_png, (is_jpeg & jpeg_ok) | is_png, hw
+
+
+def serving_function(model: keras.Model, image_size: int, pad: bool = False, jpeg_quality: int | None = None,
+                     max_pixels: int = imaging.MAX_IMAGE_PIXELS):
+    """The serving computation: a batch of encoded images -> {"probability": float32 [N] (NaN where
+    the image was refused), "error": string [N] ("" where it was scored)}."""
 
     def serve(image_bytes):
         count = tf.shape(image_bytes)[0]
-        images = tf.map_fn(
-            lambda encoded: decode_image_bytes(encoded, image_size, pad, jpeg_quality),
-            image_bytes,
-            fn_output_signature=tf.TensorSpec([image_size, image_size, 1], tf.float32),
-        )
-        # oneDNN convolutions fail on a zero-sized batch: an empty request runs one blank image,
-        # whose result is sliced away.
-        images = tf.cond(count > 0, lambda: images, lambda: tf.zeros([1, image_size, image_size, 1]))
+        index = tf.range(count, dtype=tf.int32)
+        is_jpeg, is_png, header_ok, hw = _header_sizes(image_bytes, count, index)
+        size_ok = (hw[:, 0] > 0) & (hw[:, 1] > 0) & (hw[:, 0] * hw[:, 1] <= max_pixels)
+        admitted = header_ok & size_ok
+        decoded = tf.data.Dataset.from_tensor_slices(
+            (tf.boolean_mask(index, admitted), tf.boolean_mask(image_bytes, admitted)))
+        decoded = decoded.map(lambda i, b: (i, decode_image_bytes(b, image_size, pad, jpeg_quality)),
+                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+        # The sentinel's blank image also keeps the batch from being empty (oneDNN convolutions
+        # fail on a zero-sized batch); its row is dropped below.
+        image_index, images = _all_as_one_batch(
+            decoded, count, (tf.constant(-1, tf.int32), tf.zeros([image_size, image_size, 1], tf.float32)))
         probabilities = tf.reshape(tf.cast(model(images, training=False), tf.float32), [-1])
-        return {OUTPUT_KEY: probabilities[:count]}
+        real = image_index >= 0
+        flat = tf.math.reduce_std(images, axis=[1, 2, 3]) < imaging.NEAR_CONSTANT_STD
+        scored = real & ~flat
+        near_constant = tf.scatter_nd(tf.boolean_mask(image_index, real & flat)[:, None],
+                                      tf.ones_like(tf.boolean_mask(image_index, real & flat), tf.bool), [count])
+        scored_index = tf.boolean_mask(image_index, scored)
+        is_scored = tf.scatter_nd(scored_index[:, None], tf.ones_like(scored_index, tf.bool), [count])
+        probability = tf.tensor_scatter_nd_update(
+            tf.fill([count], float("nan")), scored_index[:, None], tf.boolean_mask(probabilities, scored))
+        size_text = tf.strings.join([tf.strings.as_string(hw[:, 1]), "x", tf.strings.as_string(hw[:, 0])])
+        error = tf.where(is_scored, "", "cannot decode the image: corrupt or truncated data")
+        error = tf.where(near_constant, "near-constant image: blank, or damaged data behind an intact header", error)
+        error = tf.where(header_ok & ~size_ok, tf.strings.join(
+            ["image too large: ", size_text, f" pixels, more than the {max_pixels} pixel limit; not decoded"]), error)
+        error = tf.where(is_jpeg & ~header_ok, "corrupt JPEG header", error)
+        error = tf.where(~is_jpeg & ~is_png, "not a JPEG or PNG image", error)
+        error = tf.where(tf.equal(tf.strings.length(image_bytes), 0), "empty input", error)
+        return {OUTPUT_KEY: probability, ERROR_KEY: error}
 
     return serve
 
@@ -140,7 +207,8 @@ def description(image_size: int, pad: bool, jpeg_quality: int | None, model_path
         "source_model": os.path.abspath(model_path) if model_path else "",
         "signature": SIGNATURE_KEY,
         "input": {INPUT_KEY: "tf.string [None]: encoded JPEG or PNG bytes, any size, gray or colour"},
-        "outputs": {OUTPUT_KEY: "float32 [None]: probability of PNEUMONIA"},
+        "outputs": {OUTPUT_KEY: "float32 [None]: probability of PNEUMONIA; NaN where the image was refused",
+                    ERROR_KEY: "string [None]: why the image was refused; empty where it was scored"},
         "image_size": image_size,
         "resize": "pad" if pad else "squash",
         "record_encoding": "jpeg" if jpeg_quality is not None else "png",
