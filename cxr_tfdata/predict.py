@@ -174,9 +174,15 @@ def _read_rows(paths: list[str], image_size: int, pad: bool, record_encoding: st
     for path in paths:
         row = PredictionRow(path=path)
         try:
-            row.pixels = load_image(path, image_size, pad, record_encoding, jpeg_quality, max_file_bytes)
+            pixels = load_image(path, image_size, pad, record_encoding, jpeg_quality, max_file_bytes)
         except imaging.ImageError as e:
             row.error = f"cannot read image: {e}"
+        else:
+            if float(np.std(pixels)) < imaging.NEAR_CONSTANT_STD:
+                row.error = (f"near-constant image (pixel standard deviation {float(np.std(pixels)):.2f}): "
+                             f"blank, or damaged data behind an intact header; not predicted")
+            else:
+                row.pixels = pixels
         rows.append(row)
     return rows
 

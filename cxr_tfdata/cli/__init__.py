@@ -52,16 +52,25 @@ def op_error_summary(message: str) -> str:
     return cause.replace("\\'", "'")  # tf.debugging.Assert prints strings with quotes escaped
 
 
+def _with_meaning(text: str) -> str:
+    """Adds what a system error quoted inside a library's message means (TensorFlow and
+    tensorflow-datasets wrap an ENOSPC as "...; No space left on device")."""
+    for code in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+        if os.strerror(code) in text and _OS_ERROR_MEANING[code] not in text:
+            return f"{text} ({_OS_ERROR_MEANING[code]})"
+    return text
+
+
 def error_line(error: BaseException) -> str:
     """One line saying what went wrong, naming the file where the error knows it."""
     if isinstance(error, OSError) and error.errno is not None:
         where = f"{error.filename}: " if error.filename else ""
         return where + (_OS_ERROR_MEANING.get(error.errno) or error.strerror or str(error))
     if type(error).__module__.startswith("tensorflow") and hasattr(error, "message"):
-        return op_error_summary(error.message)
+        return _with_meaning(op_error_summary(error.message))
     text = " ".join(str(error).split()) or type(error).__name__
     if isinstance(error, (ValueError, OSError, RuntimeError, LookupError)):
-        return text
+        return _with_meaning(text)
     return f"{type(error).__name__}: {text} (unexpected; set {DEBUG_ENVIRONMENT_VARIABLE}=1 for the traceback)"
 
 

@@ -30,7 +30,7 @@ from cxr_tfdata.cli import run_main
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Dataset directory written by cxr-build-tfrecords.")
 _SPLIT = flags.DEFINE_string("split", "train", "Split to read.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Images per batch.", lower_bound=1)
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Image size the dataset was built at.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Image size the dataset was built at; default: the dataset's.")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 100, "Batches timed per configuration.", lower_bound=1)
 _WARMUP_BATCHES = flags.DEFINE_integer("warmup_batches", 10, "Batches read before timing starts.", lower_bound=0)
 _CONFIGS = flags.DEFINE_string(
@@ -210,23 +210,61 @@ def run_benchmark(settings: dict, configurations: list[str], baseline_dir: str |
     return results
 
 
+def is_benchmark_json(path: str) -> bool:
+    """True for a file this binary wrote: a JSON object of {configuration: {images_per_second, ...}}."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, dict) and all(
+        isinstance(v, dict) and "images_per_second" in v for v in content.values())
+
+
+def check_settings(configurations: list[str]) -> int:
+    """Every flag checked before any measurement, so a bad one fails at once, naming it; returns
+    the image size (the dataset's unless --image_size is given)."""
+    from cxr_tfdata import features, outputs
+
+    for name in configurations:
+        parse_configuration(name)
+    if not configurations:
+        raise ValueError("--configs: no configuration given")
+    manifest = features.read_manifest(_DATA_DIR.value)
+    num_examples = int(features.split_info(manifest, _SPLIT.value, _DATA_DIR.value)["num_examples"])
+    if num_examples < _BATCH_SIZE.value:
+        raise ValueError(f"--batch_size={_BATCH_SIZE.value} is more than the {num_examples} examples of split "
+                         f"{_SPLIT.value!r}")
+    built = int(manifest["image_size"])
+    if _IMAGE_SIZE.value is not None and _IMAGE_SIZE.value != built:
+        raise ValueError(f"--image_size={_IMAGE_SIZE.value}: {_DATA_DIR.value} was built at {built}x{built}")
+    if _BASELINE_DIR.value and not os.path.isdir(_BASELINE_DIR.value):
+        raise ValueError(f"--baseline_dir={_BASELINE_DIR.value} is not a folder")
+    if _JSON.value:
+        outputs.check_apart("--json", _JSON.value, {"--data_dir": _DATA_DIR.value,
+                                                    "--baseline_dir": _BASELINE_DIR.value or ""})
+        outputs.check_file_replaceable("--json", _JSON.value, is_benchmark_json)
+    return built
+
+
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not _DATA_DIR.value:
         raise app.UsageError("--data_dir is required")
     configurations = [c.strip() for c in _CONFIGS.value.split(";") if c.strip()]
-    for name in configurations:
-        parse_configuration(name)
+    image_size = check_settings(configurations)
     settings = {
         "data_dir": _DATA_DIR.value, "split": _SPLIT.value, "batch_size": _BATCH_SIZE.value,
-        "image_size": _IMAGE_SIZE.value, "num_batches": _NUM_BATCHES.value,
+        "image_size": image_size, "num_batches": _NUM_BATCHES.value,
         "warmup_batches": _WARMUP_BATCHES.value, "baseline_batches": _BASELINE_BATCHES.value,
         "batch_dtype": _BATCH_DTYPE.value, "seed": _SEED.value, "fresh_process": _FRESH_PROCESS.value,
     }
     results = run_benchmark(settings, configurations, _BASELINE_DIR.value)
     if _JSON.value:
-        with open(_JSON.value, "w") as f:
-            json.dump(results, f, indent=2, sort_keys=True)
+        from cxr_tfdata import atomic
+
+        atomic.write_json(_JSON.value, results)
 
 
 def run():
