@@ -27,9 +27,9 @@ def main(argv):
         jpeg_quality=settings.jpeg_quality, data_dir=_RECORDS.data_dir.value or "",
     )
     path = export.export(config)
-    print(f"Wrote SavedModel to {path}: signature {export.SIGNATURE_KEY!r} takes "
-          f"{export.INPUT_KEY!r} (tf.string [None], JPEG or PNG bytes) and returns "
-          f"{export.OUTPUT_KEY!r} (float32 [None]).")
+    print(f"Wrote SavedModel to {path}: signature {export.SIGNATURE_KEY!r} takes {export.INPUT_KEY!r} "
+          f"(tf.string [None], JPEG or PNG bytes) and returns {export.OUTPUT_KEY!r} (float32 [None], NaN for "
+          f"a refused image) and {export.ERROR_KEY!r} (tf.string [None], why it was refused).")
     return 0
 
 
