@@ -38,6 +38,12 @@ def replacing(path: str, suffix: str = "") -> Iterator[str]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        if e.errno is not None and e.filename in (None, tmp):  # name the file meant, not its temporary
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), path) from e
+        raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)

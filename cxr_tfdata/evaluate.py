@@ -317,29 +317,30 @@ def _check_inputs(config: EvaluateConfig) -> tuple[Any, int]:
 @contextlib.contextmanager
 def claimed_output_dir(config: EvaluateConfig):
     """The output folder, locked and claimed for cxr-evaluate (see outputs.claim_folder) for the
-    with-block; a folder this run created is removed again when the run fails."""
+    with-block. When the run fails, a folder it created is removed with what it wrote; a folder
+    that existed keeps the marker, so its files stay recognisably cxr-evaluate's."""
     folder = config.output_dir
-    if os.path.lexists(folder) and not os.path.isdir(folder):
-        raise outputs.UnsafeOutputError(f"--output_dir={folder} is a file, not a folder")
     created = not os.path.lexists(folder)
-    os.makedirs(folder, exist_ok=True)
-    try:
-        with locking.exclusive_lock(locking.lock_path_inside(folder), f"--output_dir={folder}", PROGRAM):
-            outputs.claim_folder("--output_dir", folder, PROGRAM, EVALUATION_FILES, config.overwrite,
-                                 ignore=[locking.LOCK_NAME])
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    with locking.exclusive_lock(locking.lock_path_beside(folder), f"--output_dir={folder}", PROGRAM):
+        try:
+            outputs.claim_folder("--output_dir", folder, PROGRAM, EVALUATION_FILES, config.overwrite)
             yield folder
-    except BaseException:
-        if created:
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(folder, outputs.FOLDER_MARKER))
-                os.rmdir(folder)
-        raise
+        except BaseException:
+            if created:
+                for name in (*EVALUATION_FILES, outputs.FOLDER_MARKER):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(folder, name))
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
+            raise
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """Runs the model over the split (and val), writes metrics.json, report.md, plots, predictions.csv."""
     from cxr_tfdata import plots
 
+    config = dataclasses.replace(config, output_dir=outputs.canonical(config.output_dir))
     model, image_size = _check_inputs(config)
     with claimed_output_dir(config) as folder:
         predictions = predict_split(model, config.data_dir, config.split, image_size, config.batch_size)

@@ -170,6 +170,7 @@ def serving_function(model: keras.Model, image_size: int, pad: bool = False, jpe
         error = tf.where(near_constant, "near-constant image: blank, or damaged data behind an intact header", error)
         error = tf.where(header_ok & ~size_ok, tf.strings.join(
             ["image too large: ", size_text, f" pixels, more than the {max_pixels} pixel limit; not decoded"]), error)
+        error = tf.where(header_ok & ((hw[:, 0] <= 0) | (hw[:, 1] <= 0)), "image has no pixels", error)
         error = tf.where(is_jpeg & ~header_ok, "corrupt JPEG header", error)
         error = tf.where(~is_jpeg & ~is_png, "not a JPEG or PNG image", error)
         error = tf.where(tf.equal(tf.strings.length(image_bytes), 0), "empty input", error)
@@ -240,13 +241,13 @@ def export_saved_model(model: keras.Model, output_dir: str, overwrite: bool = Fa
     variable twice (once per Keras variable, once per captured tf.Variable), doubling the size of a
     ResNet50V2 export.
     """
-    output_dir = os.path.abspath(output_dir)
+    output_dir = outputs.canonical(output_dir)
     inputs = {"--model": model_path, "--data_dir": data_dir}
     check_output(output_dir, overwrite, inputs)
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
     with locking.exclusive_lock(locking.lock_path_beside(output_dir), f"--output_dir={output_dir}", PROGRAM):
-        folder_swap.recover(output_dir)
+        folder_swap.recover(output_dir, outputs.saved_model_problems, (DESCRIPTION_ASSET, "saved_model"), inputs)
         check_output(output_dir, overwrite, inputs)  # again, now that no other export can change it
         staging = folder_swap.staging_path(output_dir)
         os.makedirs(staging)

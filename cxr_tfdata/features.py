@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import posixpath
+import stat
 from typing import Any
 
 import tensorflow as tf
@@ -38,6 +39,7 @@ PARSE_SPEC: dict[str, tf.io.FixedLenFeature] = {
 }
 
 MANIFEST_FILENAME = "manifest.json"
+_MAX_MANIFEST_BYTES = 256 << 20  # a manifest lists files and reasons: megabytes at most
 
 
 def serialize_example(
@@ -87,23 +89,46 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
     Shard paths are relative to data_dir.
     """
     path = os.path.join(data_dir, MANIFEST_FILENAME)
-    if not tf.io.gfile.exists(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(
             f"{path} not found: {data_dir!r} is not a dataset built by cxr-build-tfrecords"
         )
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError(f"{path} is not a regular file")
+    if os.path.getsize(path) > _MAX_MANIFEST_BYTES:
+        raise ValueError(f"{path} is larger than {_MAX_MANIFEST_BYTES >> 20} MB: not a manifest of cxr-build-tfrecords")
     try:
-        with tf.io.gfile.GFile(path, "r") as f:
+        with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
-    except json.JSONDecodeError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
-    for key in ("image_size", "class_names", "splits"):
-        if key not in manifest:
-            raise ValueError(f"{path} has no {key!r} entry")
-    if tuple(manifest["class_names"]) != CLASS_NAMES:
-        raise ValueError(
-            f"{path} names classes {manifest['class_names']}, expected {list(CLASS_NAMES)}"
-        )
+    _check_manifest_layout(manifest, path)
     return manifest
+
+
+def _check_manifest_layout(manifest: Any, path: str) -> None:
+    """Fails naming the file and the entry when the manifest lacks what readers use."""
+    def require(ok: bool, what: str) -> None:
+        if not ok:
+            raise ValueError(f"{path}: {what}; not a manifest of cxr-build-tfrecords (rebuild the dataset)")
+
+    require(isinstance(manifest, dict), "not a JSON object")
+    for key in ("image_size", "class_names", "splits"):
+        require(key in manifest, f"no {key!r} entry")
+    require(isinstance(manifest["image_size"], int) and not isinstance(manifest["image_size"], bool)
+            and manifest["image_size"] > 0, f"'image_size' is {manifest['image_size']!r}, not a positive integer")
+    require(isinstance(manifest["class_names"], list) and tuple(manifest["class_names"]) == CLASS_NAMES,
+            f"names classes {manifest['class_names']!r}, expected {list(CLASS_NAMES)}")
+    require(isinstance(manifest["splits"], dict), "'splits' is not an object")
+    for split, entry in manifest["splits"].items():
+        require(isinstance(entry, dict), f"split {split!r} is not an object")
+        require(isinstance(entry.get("num_examples"), int), f"split {split!r} has no integer 'num_examples'")
+        shards = entry.get("shard_files")
+        require(isinstance(shards, list) and all(isinstance(name, str) for name in shards),
+                f"split {split!r} has no list of 'shard_files'")
+        counts = entry.get("class_counts", {})
+        require(isinstance(counts, dict) and all(isinstance(v, int) for v in counts.values()),
+                f"split {split!r} has 'class_counts' that are not integers")
 
 
 # Manifest entries that say how a build ran, not what it wrote: two builds differing only in
@@ -139,12 +164,20 @@ def split_info(manifest: dict[str, Any], split: str, data_dir: str = "") -> dict
 
 
 def shard_paths(data_dir: str, manifest: dict[str, Any], split: str) -> list[str]:
-    """Shard file paths of a split; a listed path that would leave data_dir is refused."""
+    """Shard file paths of a split. A listed path that leaves data_dir, by its name or through a
+    symbolic link, is refused, and so is a shard that is not a regular file (a FIFO would block
+    every reader forever)."""
     paths = []
+    root = os.path.realpath(data_dir)
     for rel in split_info(manifest, split, data_dir)["shard_files"]:
         parts = posixpath.normpath(str(rel).replace(os.sep, "/")).split("/")
-        if not rel or posixpath.isabs(str(rel)) or os.path.isabs(str(rel)) or ".." in parts:
+        path = os.path.join(data_dir, str(rel))
+        real = os.path.realpath(path)
+        if (not rel or posixpath.isabs(str(rel)) or os.path.isabs(str(rel)) or ".." in parts
+                or not real.startswith(root.rstrip(os.sep) + os.sep)):
             raise ValueError(f"{os.path.join(data_dir, MANIFEST_FILENAME)} lists shard file {rel!r} of split "
                              f"{split!r}, which is outside the dataset folder; refusing to read it")
-        paths.append(os.path.join(data_dir, rel))
+        if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+            raise ValueError(f"shard {path} of split {split!r} is not a regular file; refusing to read it")
+        paths.append(path)
     return paths

@@ -82,8 +82,10 @@ def check_imagenet_weights_available(
 
 def check_weights_file(path: str) -> None:
     """Fails naming --weights when a local weights path is missing or not an .h5 file."""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise WeightsUnavailableError(f"--weights={path}: no such file")
+    if not os.path.isfile(path):
+        raise WeightsUnavailableError(f"--weights={path}: not a regular file (a folder, FIFO or device)")
     if not path.endswith((".h5", ".hdf5")):
         raise WeightsUnavailableError(
             f"--weights={path}: expected a ResNet50V2 'notop' weights file ending in .h5 "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import stat
+import zipfile
 
 import keras
 
@@ -13,8 +15,44 @@ import keras
 _LAYER_MODULES = ("cxr_tfdata.preprocessing", "cxr_tfdata.augment", "cxr_tfdata.model")
 
 
+# A .keras file is a zip archive; ResNet50V2's is about 100 MB unpacked and its members barely
+# compress (weights). Archives that would unpack to more, or members that compress like a
+# decompression bomb, are refused before anything is unpacked.
+MAX_UNPACKED_MODEL_BYTES = 2 << 30
+MAX_MEMBER_COMPRESSION_RATIO = 50
+_SMALL_MEMBER_BYTES = 10 << 20  # config.json and metadata compress well and are small
+
+
 class ModelLoadError(ValueError):
     """A model file that cannot be used; the message names the file and the reason."""
+
+
+def check_model_file(path: str) -> None:
+    """Refuses, before Keras reads anything, a --model that is not a regular file (a FIFO would
+    block, a device would never end) or a zip archive that would unpack to too much."""
+    if not os.path.exists(path):
+        raise ModelLoadError(f"--model: {path} does not exist")
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        raise ModelLoadError(f"--model: {path} is a directory; expected a .keras file written by cxr-train")
+    if not stat.S_ISREG(mode):
+        raise ModelLoadError(f"--model: {path} is not a regular file (a FIFO, socket or device); not read")
+    if not zipfile.is_zipfile(path):
+        return  # Keras names what it is when it fails to read it
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ModelLoadError(f"--model: cannot read {path} as a .keras archive ({e})") from e
+    unpacked = sum(member.file_size for member in members)
+    if unpacked > MAX_UNPACKED_MODEL_BYTES:
+        raise ModelLoadError(f"--model: {path} would unpack to {unpacked >> 20} MB, more than the "
+                             f"{MAX_UNPACKED_MODEL_BYTES >> 20} MB limit; not loaded")
+    for member in members:
+        ratio = member.file_size / max(member.compress_size, 1)
+        if member.file_size > _SMALL_MEMBER_BYTES and ratio > MAX_MEMBER_COMPRESSION_RATIO:
+            raise ModelLoadError(f"--model: {path} holds {member.filename}, compressed {ratio:.0f} to 1 (a "
+                                 f"decompression bomb, not model weights); not loaded")
 
 
 def _register_custom_layers() -> None:
@@ -29,12 +67,7 @@ def _register_custom_layers() -> None:
 def load_model(path: str) -> keras.Model:
     """Loads a .keras model in Keras safe mode (no arbitrary code), naming `path` in any error."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ModelLoadError(f"--model: {path} does not exist")
-    if os.path.isdir(path):
-        raise ModelLoadError(
-            f"--model: {path} is a directory; expected a .keras file written by cxr-train"
-        )
+    check_model_file(path)
     _register_custom_layers()
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)

@@ -25,7 +25,6 @@ from cxr_tfdata import atomic
 DATASET_METADATA_FILES = ("manifest.json", "dataset_info.json", "features.json", "label.labels.txt")
 # What tf.saved_model.save writes, and cxr-export's own asset, whose presence marks its exports.
 EXPORT_MARKER = os.path.join("assets", "cxr_export.json")
-_SAVED_MODEL_TOP = {"saved_model.pb", "fingerprint.pb", "variables", "assets"}
 _SAVED_MODEL_VARIABLES = re.compile(r"^variables\.(index|data-\d{5}-of-\d{5})$")
 # A folder that a binary fills with files of its own (evaluation, Grad-CAM overlays) names them here.
 FOLDER_MARKER = ".cxr-tfdata-output.json"
@@ -37,13 +36,64 @@ class UnsafeOutputError(ValueError):
 
 
 def resolved(path: str) -> str:
-    """The absolute path with every symlink followed (for comparing paths, never for messages)."""
-    return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
+    """The absolute path with every symlink followed, as the operating system follows them: a
+    `..` after a symlink goes up from the link's target (no textual normalisation first, and no
+    `~` expansion, which the shell did not do for `--flag=~/x`). For comparing paths only."""
+    return os.path.realpath(os.fspath(path))
+
+
+def canonical(path: str) -> str:
+    """The path a binary writes to: absolute, its folder resolved as `resolved` resolves it, its
+    last component kept as given (so a symlink there is seen, not silently followed).
+
+    Every output is checked and written under this one spelling, so the checks and the writes
+    can never see two different places."""
+    path = os.fspath(path)
+    head, tail = os.path.split(path.rstrip(os.sep) or path)
+    if tail in ("", os.curdir, os.pardir):
+        return os.path.realpath(path)
+    return os.path.join(os.path.realpath(head or os.curdir), tail)
 
 
 def is_within(path: str, folder: str) -> bool:
     """True when `path` is `folder` or lies inside it (both already resolved)."""
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _within_by_identity(path: str, folder: str) -> bool:
+    """True when `path` (or its nearest existing ancestor chain) passes through `folder`'s inode:
+    catches what paths cannot show, such as a bind mount of the folder elsewhere."""
+    target = _identity(folder)
+    if target is None:
+        return False
+    current = path
+    while True:
+        if _identity(current) == target:
+            return True
+        parent = os.path.dirname(current)
+        if parent == current:
+            return False
+        current = parent
+
+
+def _overlap(out: str, inp: str) -> str | None:
+    """"same", "inside" (out inside inp), "contains" (inp inside out) or None; both resolved."""
+    same = out == inp or (_identity(out) is not None and _identity(out) == _identity(inp))
+    if same:
+        return "same"
+    if is_within(out, inp) or _within_by_identity(out, inp):
+        return "inside"
+    if is_within(inp, out) or _within_by_identity(inp, out):
+        return "contains"
+    return None
 
 
 def check_apart(output_flag: str, output: str, inputs: Mapping[str, str | None],
@@ -59,15 +109,15 @@ def check_apart(output_flag: str, output: str, inputs: Mapping[str, str | None],
     for flag, path in inputs.items():
         if not path:
             continue
-        inp = resolved(path)
         named = f"{flag}={path}" if flag.startswith("--") else f"{flag} ({path})"
-        if out == inp:
+        overlap = _overlap(out, resolved(path))
+        if overlap == "same":
             raise UnsafeOutputError(f"{output_flag}={output} is the same path as {named}: "
                                     f"an output must never replace an input")
-        if is_within(out, inp):
+        if overlap == "inside":
             raise UnsafeOutputError(f"{output_flag}={output} lies inside {named}: choose an "
                                     f"output outside the inputs, which are never written to")
-        if is_within(inp, out) and not may_contain_inputs:
+        if overlap == "contains" and not may_contain_inputs:
             raise UnsafeOutputError(f"{output_flag}={output} contains {named}: replacing it "
                                     f"would delete that input; choose another output path")
 
@@ -87,33 +137,58 @@ def _read_json(path: str):
         return None
 
 
+def _is_plain_file(path: str) -> bool:
+    return os.path.isfile(path) and not os.path.islink(path)
+
+
+def _is_plain_folder(path: str) -> bool:
+    return os.path.isdir(path) and not os.path.islink(path)
+
+
+def _foreign_entries(folder: str, expected_files: set[str], expected_folders: set[str] = frozenset(),
+                     prefix: str = "") -> list[str]:
+    """Entries of folder that are not one of the expected regular files or plain folders (a link,
+    or a folder where a file belongs, is foreign too)."""
+    foreign = []
+    for entry in os.listdir(folder):
+        path = os.path.join(folder, entry)
+        if entry in expected_files and _is_plain_file(path):
+            continue
+        if entry in expected_folders and _is_plain_folder(path):
+            continue
+        foreign.append(prefix + entry)
+    return foreign
+
+
 def dataset_problems(folder: str) -> list[str]:
     """Why `folder` is not a complete dataset written by cxr-build-tfrecords; [] when it is."""
     manifest = _read_json(os.path.join(folder, "manifest.json"))
     if not isinstance(manifest, dict) or not {"format_version", "splits", "tfds"} <= set(manifest):
         return ["no manifest.json written by cxr-build-tfrecords"]
-    if not os.path.isfile(os.path.join(folder, "dataset_info.json")):
+    if not _is_plain_file(os.path.join(folder, "dataset_info.json")):
         return ["no dataset_info.json (tensorflow-datasets metadata)"]
     known = set(DATASET_METADATA_FILES)
-    for entry in manifest["splits"].values():
-        known.update(entry.get("shard_files", []) if isinstance(entry, dict) else [])
-    unknown = set(os.listdir(folder)) - known
-    return [f"files cxr-build-tfrecords did not write: {_describe(unknown, folder)}"] if unknown else []
+    for entry in manifest["splits"].values() if isinstance(manifest["splits"], dict) else []:
+        shards = entry.get("shard_files", []) if isinstance(entry, dict) else []
+        known.update(name for name in shards if isinstance(name, str))
+    foreign = _foreign_entries(folder, known)
+    return [f"entries cxr-build-tfrecords did not write: {_describe(foreign, folder)}"] if foreign else []
 
 
 def saved_model_problems(folder: str) -> list[str]:
     """Why `folder` is not a SavedModel written by cxr-export; [] when it is."""
-    if not os.path.isfile(os.path.join(folder, "saved_model.pb")):
+    if not _is_plain_file(os.path.join(folder, "saved_model.pb")):
         return ["no saved_model.pb"]
-    if not os.path.isfile(os.path.join(folder, EXPORT_MARKER)):
+    if not _is_plain_file(os.path.join(folder, EXPORT_MARKER)):
         return [f"no {EXPORT_MARKER}, which cxr-export writes into every export"]
-    unknown = [e for e in os.listdir(folder) if e not in _SAVED_MODEL_TOP]
+    foreign = _foreign_entries(folder, {"saved_model.pb", "fingerprint.pb"}, {"variables", "assets"})
     variables = os.path.join(folder, "variables")
-    if os.path.isdir(variables):
-        unknown += [f"variables/{e}" for e in os.listdir(variables) if not _SAVED_MODEL_VARIABLES.match(e)]
-    assets = os.path.join(folder, "assets")
-    unknown += [f"assets/{e}" for e in os.listdir(assets) if e != os.path.basename(EXPORT_MARKER)]
-    return [f"files cxr-export did not write: {_describe(unknown, folder)}"] if unknown else []
+    if _is_plain_folder(variables):
+        names = {e for e in os.listdir(variables) if _SAVED_MODEL_VARIABLES.match(e)}
+        foreign += _foreign_entries(variables, names, prefix="variables/")
+    foreign += _foreign_entries(os.path.join(folder, "assets"), {os.path.basename(EXPORT_MARKER)},
+                                prefix="assets/")
+    return [f"entries cxr-export did not write: {_describe(foreign, folder)}"] if foreign else []
 
 
 def check_replaceable(output_flag: str, folder: str, what: str, problems: list[str]) -> None:
@@ -140,41 +215,50 @@ def read_folder_marker(folder: str) -> dict | None:
 
 
 def claim_folder(output_flag: str, folder: str, program: str, files: Iterable[str],
-                 overwrite: bool, ignore: Iterable[str] = ()) -> None:
+                 overwrite: bool | None, ignore: Iterable[str] = ()) -> None:
     """Makes `folder` ready for `program` to write `files` (fixed names) into it, or refuses.
 
     Allowed: a missing or empty folder; a folder whose marker says `program` wrote it (its files
     are replaced, other entries are left alone); with `overwrite`, a non-empty folder that holds
-    none of `files` (they are added beside what is there). Never replaced: a file of one of those
+    none of `files` and no other program's output (they are added beside what is there).
+    overwrite=None: the program has no --overwrite flag. Never replaced: a file of one of those
     names that `program` did not write (e.g. cxr-train's metrics.json in a model dir). The marker,
-    listing the files, is written before any of them, so a killed run's leftovers stay claimed.
+    listing every file `program` has written there, is written before any of them, so a killed
+    run's leftovers stay claimed.
     """
     files = sorted(set(files))
-    if os.path.lexists(folder) and not os.path.isdir(folder):
-        raise UnsafeOutputError(f"{output_flag}={folder} is a file, not a folder")
+    if os.path.lexists(folder) and not _is_plain_folder(folder):
+        raise UnsafeOutputError(f"{output_flag}={folder} is not a folder (a file, or a symbolic link)")
     os.makedirs(folder, exist_ok=True)
     marker = read_folder_marker(folder)
-    ours = set(marker["files"]) if marker and marker.get("program") == program else set()
+    if marker is None and os.path.lexists(os.path.join(folder, FOLDER_MARKER)):
+        raise UnsafeOutputError(f"{output_flag}={folder} holds an unreadable {FOLDER_MARKER}; choose another folder")
+    if marker and marker.get("program") != program:
+        raise UnsafeOutputError(f"{output_flag}={folder} holds the output of {marker.get('program')}, which "
+                                f"{program} will not write into; choose another folder")
+    ours = set(marker["files"]) if marker else set()
     entries = set(os.listdir(folder)) - {FOLDER_MARKER, *ignore}
     clashes = sorted((entries & set(files)) - ours)
+    clashes += sorted(e for e in entries & set(files) & ours if not _is_plain_file(os.path.join(folder, e)))
     if clashes:
         raise UnsafeOutputError(
             f"{output_flag}={folder} holds {_describe(clashes, folder)}, which {program} did not write "
             f"and will not replace{' even with --overwrite' if overwrite else ''}; choose another folder")
     others = entries - set(files) - ours
     if others and not ours and not overwrite:
+        advice = (f"or pass --overwrite to add {program}'s files beside what is there" if overwrite is not None
+                  else "nothing in it is replaced")
         raise UnsafeOutputError(
             f"{output_flag}={folder} is not empty and was not written by {program} (it holds "
-            f"{_describe(others, folder)}); choose an empty or new folder, or pass --overwrite to add "
-            f"{program}'s files beside what is there")
-    atomic.write_json(os.path.join(folder, FOLDER_MARKER), {"program": program, "files": files})
+            f"{_describe(others, folder)}); choose an empty or new folder, {advice}")
+    atomic.write_json(os.path.join(folder, FOLDER_MARKER), {"program": program, "files": sorted(ours | set(files))})
 
 
 def check_file_replaceable(output_flag: str, path: str, looks_ours) -> None:
     """Refuses to write over an existing `path` unless `looks_ours(path)` recognises it."""
     if not os.path.lexists(path):
         return
-    if os.path.islink(path) or not os.path.isfile(path):
+    if not _is_plain_file(path):
         raise UnsafeOutputError(f"{output_flag}={path} exists and is not a regular file; choose another path")
     if not looks_ours(path):
         raise UnsafeOutputError(f"{output_flag}={path} exists and was not written by this program; "

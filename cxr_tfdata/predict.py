@@ -8,6 +8,7 @@ go on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -17,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from cxr_tfdata import atomic, features, outputs, tables
+from cxr_tfdata import atomic, features, locking, outputs, tables
 from tfrecords_builder import imaging
 
 CSV_COLUMNS = ("path", "probability", "label", "error")
@@ -110,8 +111,8 @@ class PredictConfig:
             raise ValueError("--model: is required")
         if not self.paths:
             raise ValueError("no image files or folders given (pass them as arguments)")
-        if not self.max_file_mb > 0:
-            raise ValueError(f"--max_file_mb: must be > 0, got {self.max_file_mb}")
+        if not 0 < self.max_file_mb < 1 << 30:
+            raise ValueError(f"--max_file_mb: must be a number of MB in (0, 2^30), got {self.max_file_mb}")
         RecordSettings(self.resize, self.record_encoding, self.jpeg_quality)  # validates them
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"--threshold: must be in [0, 1], got {self.threshold}")
@@ -310,7 +311,7 @@ def write_gradcams(model: keras.Model, rows: list[PredictionRow], gradcam_dir: s
     """One overlay PNG per readable image, named by `gradcam_names`, into a folder claimed for
     cxr-predict (new, empty, or holding an earlier run's overlays; see outputs.claim_folder)."""
     names = gradcam_names(rows)
-    outputs.claim_folder("--gradcam_dir", gradcam_dir, PROGRAM, names, overwrite=False)
+    outputs.claim_folder("--gradcam_dir", gradcam_dir, PROGRAM, names, overwrite=None)
     layer = find_gradcam_layer(model)
     readable = [row for row in rows if row.pixels is not None]
     written = []
@@ -341,9 +342,24 @@ def check_outputs(config: PredictConfig) -> None:
 
 def predict(config: PredictConfig, stream: io.TextIOBase) -> list[PredictionRow]:
     """Runs cxr-predict: the CSV to `config.output_csv` (atomically) or to `stream`."""
+
+    config = dataclasses.replace(
+        config, output_csv=outputs.canonical(config.output_csv) if config.output_csv else "",
+        gradcam_dir=outputs.canonical(config.gradcam_dir) if config.gradcam_dir else "")
+    check_outputs(config)
+    with contextlib.ExitStack() as locks:
+        for flag, path in (("--output_csv", config.output_csv), ("--gradcam_dir", config.gradcam_dir)):
+            if path:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                locks.enter_context(locking.exclusive_lock(locking.lock_path_beside(path), f"{flag}={path}",
+                                                           PROGRAM))
+        check_outputs(config)  # again, now that no other run can change them
+        return _predict_locked(config, stream)
+
+
+def _predict_locked(config: PredictConfig, stream: io.TextIOBase) -> list[PredictionRow]:
     from cxr_tfdata import model_io
 
-    check_outputs(config)
     model = model_io.load_model(config.model_path)
     image_size = model_io.model_image_size(model, config.model_path)
     check_dataset_image_size(image_size, config.model_path, config.data_dir)
@@ -356,7 +372,6 @@ def predict(config: PredictConfig, stream: io.TextIOBase) -> list[PredictionRow]
     if config.gradcam_dir:
         write_gradcams(model, rows, config.gradcam_dir, config.batch_size)
     if config.output_csv:
-        os.makedirs(os.path.dirname(os.path.abspath(config.output_csv)), exist_ok=True)
         atomic.write_text(config.output_csv, rows_to_csv(rows))
     else:
         stream.write(rows_to_csv(rows))

@@ -12,8 +12,9 @@ import csv
 import io
 from collections.abc import Iterable, Sequence
 
-# OWASP's list: formula starters, and tab and carriage return, which some spreadsheets strip first.
-FORMULA_STARTERS = ("=", "+", "-", "@", "\t", "\r")
+# OWASP's list: formula starters, and tab and carriage return, which some spreadsheets strip first
+# (a line feed too: it is whitespace to them as well).
+FORMULA_STARTERS = ("=", "+", "-", "@", "\t", "\r", "\n")
 
 
 def safe_cell(value) -> str | int | float:

@@ -14,6 +14,7 @@ on restart). Everything that can be checked before training (weights, dataset, b
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import io
 import logging
@@ -25,7 +26,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from cxr_tfdata import atomic, features, input_pipeline, locking, run_dir
+from cxr_tfdata import atomic, features, input_pipeline, locking, outputs, run_dir
 from cxr_tfdata import model as model_lib
 from cxr_tfdata import precision as precision_lib
 from cxr_tfdata.config import StageConfig, TrainConfig
@@ -455,6 +456,7 @@ def train_and_evaluate(config: TrainConfig, overwrite: bool = False,
 
     Nothing is written until every check has passed; the model dir is locked for the whole run.
     """
+    config = dataclasses.replace(config, model_dir=outputs.canonical(config.model_dir))
     run_dir.check_model_dir(config)
     manifest = _check_dataset(config)
     # Both checks build throwaway models and clear Keras' session, which resets the precision policy.
@@ -464,8 +466,8 @@ def train_and_evaluate(config: TrainConfig, overwrite: bool = False,
     precision_lib.set_precision_policy(config.mixed_precision)
     strategy = precision_lib.choose_strategy(config.distribution)
     _check_batches_fit(config, manifest, strategy.num_replicas_in_sync)
-    os.makedirs(config.model_dir, exist_ok=True)
-    with locking.exclusive_lock(locking.lock_path_inside(config.model_dir),
+    os.makedirs(os.path.dirname(config.model_dir), exist_ok=True)
+    with locking.exclusive_lock(locking.lock_path_beside(config.model_dir),
                                 f"--model_dir={config.model_dir}", PROGRAM):
         run_dir.prepare(config, features.manifest_fingerprint(manifest), overwrite=overwrite)
         keras.utils.set_random_seed(config.data.seed)

@@ -304,11 +304,10 @@ def test_a_second_training_run_on_the_same_model_dir_is_refused(records, tmp_pat
 
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    with _lock_held_by_another_process(locking.lock_path_inside(str(model_dir)), "cxr-train") as pid:
+    with _lock_held_by_another_process(locking.lock_path_beside(str(model_dir)), "cxr-train") as pid:
         with pytest.raises(locking.LockedError, match=f"--model_dir={model_dir} is in use by cxr-train \\(pid {pid}"):
             train.train_and_evaluate(_train_config(records, model_dir))
-    # The refused run wrote nothing; the lock file is the killed holder's, free for the next run.
-    assert os.listdir(model_dir) == [locking.LOCK_NAME]
+    assert os.listdir(model_dir) == []  # the refused run wrote nothing
 
 
 def test_resume_on_a_rebuilt_dataset_is_refused_naming_both_fingerprints(records, tmp_path):
@@ -402,7 +401,7 @@ def test_train_binary_read_only_model_dir_is_one_line(records, tmp_path):
         result = _run("cxr_tfdata.cli.train", f"--data_dir={records}", f"--model_dir={disk / 'model'}",
                       "--weights=none", "--stage=frozen", "--frozen_batch_size=4", "--frozen_epochs=1")
         line = _one_error_line(result, "cxr-train")
-        assert f"{disk / 'model'}: read-only file system" in line
+        assert f"--model_dir={disk / 'model'} (its lock file" in line and line.endswith("read-only file system")
 
 
 @pytest.mark.slow
@@ -672,3 +671,283 @@ def test_a_lock_is_released_when_its_holder_is_killed(tmp_path):
     with locking.exclusive_lock(lock, "x"):
         assert json.loads(Path(lock).read_text())["pid"] == os.getpid()
     assert not os.path.exists(lock)
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths that the checks and the writes could read differently
+
+
+def test_a_dot_dot_after_a_symlink_is_where_the_os_goes(tmp_path, monkeypatch):
+    images = tmp_path / "src" / "test" / "NORMAL"
+    images.mkdir(parents=True)
+    (tmp_path / "lnk").symlink_to(images)
+    monkeypatch.chdir(tmp_path)
+    # lnk/.. is src/test for the operating system, not "." as a textual normalisation would say.
+    assert outputs.canonical("lnk/../x.csv") == str(tmp_path / "src" / "test" / "x.csv")
+    with pytest.raises(outputs.UnsafeOutputError, match="lies inside"):
+        outputs.check_apart("--output_csv", "lnk/../x.csv", {"image path 1": "src/test"})
+    # A "~" the shell did not expand is a folder named "~", for the checks as for the writes.
+    assert outputs.canonical("~/ds") == str(tmp_path / "~" / "ds")
+
+
+def test_a_bind_mount_of_an_input_is_that_input(tmp_path):
+    data = tmp_path / "records"
+    data.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    mounted = subprocess.run(["mount", "--bind", str(data), str(tmp_path / "elsewhere")], capture_output=True,
+                             check=False)
+    if mounted.returncode != 0:
+        pytest.skip("cannot bind-mount here")
+    try:
+        for output in (tmp_path / "elsewhere", tmp_path / "elsewhere" / "model"):
+            with pytest.raises(outputs.UnsafeOutputError, match="--data_dir"):
+                outputs.check_apart("--model_dir", str(output), {"--data_dir": str(data)})
+    finally:
+        subprocess.run(["umount", "-l", str(tmp_path / "elsewhere")], check=False)
+
+
+def test_make_sample_without_an_output_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mynotes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="--output_dir: is required"):
+        sample.write_sample("", num_images=8)
+    assert os.listdir(tmp_path) == ["mynotes.txt"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Leftovers of killed runs: only ever ours, never an input
+
+
+def test_a_leftover_name_never_deletes_or_moves_an_input(images, tmp_path, tiny):
+    from cxr_tfdata import export
+
+    disguised = tmp_path / ".out.incomplete-999999999"
+    shutil.copytree(images, disguised)
+    before = _tree(disguised)
+    build.build_dataset(_build_config(disguised, tmp_path / "out"))
+    assert _tree(disguised) == before
+    model_dir = tmp_path / ".exp.incomplete-999999999"
+    model_dir.mkdir()
+    shutil.copy(tiny.model_path, model_dir / "m.keras")
+    export.export(export.ExportConfig(model_path=str(model_dir / "m.keras"), output_dir=str(tmp_path / "exp"),
+                                      record_encoding="png"))
+    assert (model_dir / "m.keras").is_file()
+
+
+def test_a_refused_build_keeps_the_dataset_a_killed_swap_left_aside(images, tmp_path):
+    previous = tmp_path / ".ds.previous-999999999"
+    build.build_dataset(_build_config(images, previous))  # the old dataset, moved aside by a killed run
+    before = _tree(previous)
+    user = _user_home(tmp_path / "ds")
+    with pytest.raises(writer.BuildError, match="already exists"):
+        build.build_dataset(_build_config(images, user))
+    assert _tree(previous) == before and (user / "thesis.txt").is_file()
+
+
+@pytest.mark.parametrize("kind", ["dataset", "export"])
+def test_a_folder_where_our_file_belongs_is_not_ours(tmp_path, kind):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    if kind == "dataset":
+        (folder / "manifest.json").write_text(json.dumps({"format_version": 1, "tfds": {}, "splits": {
+            "train": {"num_examples": 1, "shard_files": ["cxr-train.tfrecord-00000-of-00001"]}}}))
+        (folder / "dataset_info.json").write_text("{}")
+        (folder / "cxr-train.tfrecord-00000-of-00001").mkdir()
+        (folder / "cxr-train.tfrecord-00000-of-00001" / "thesis.txt").write_text("mine")
+        problems = outputs.dataset_problems(str(folder))
+    else:
+        (folder / "assets").mkdir()
+        (folder / "saved_model.pb").write_bytes(b"pb")
+        (folder / "assets" / "cxr_export.json").write_text("{}")
+        (folder / "fingerprint.pb").mkdir()
+        (folder / "fingerprint.pb" / "notes.txt").write_text("mine")
+        problems = outputs.saved_model_problems(str(folder))
+    assert problems and "did not write" in problems[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# One writer per output, whichever binary writes it
+
+
+def test_different_binaries_on_one_output_exclude_each_other(tiny, tmp_path):
+    from cxr_tfdata import evaluate
+
+    target = tmp_path / "X"
+    with _lock_held_by_another_process(locking.lock_path_beside(str(target)), "cxr-export") as pid:
+        with pytest.raises(locking.LockedError, match=f"cxr-export \\(pid {pid}"):
+            evaluate.evaluate(_evaluate_config(tiny, target, overwrite=True))
+        with pytest.raises(locking.LockedError, match=f"cxr-export \\(pid {pid}"):
+            predict.predict(_predict_config(tiny, [tiny.model_path], output_csv=str(target)), io.StringIO())
+    assert not target.exists()
+
+
+def test_a_file_named_like_a_lock_is_never_written_over(tmp_path):
+    out = tmp_path / "ds"
+    lock = Path(locking.lock_path_beside(str(out)))
+    lock.write_text("my own notes")
+    with pytest.raises(locking.LockedError, match="not a lock file"):
+        with locking.exclusive_lock(str(lock), "--output_dir=ds"):
+            pass
+    assert lock.read_text() == "my own notes"
+
+
+def test_markers_belong_to_one_program_and_remember_its_files(tiny, tmp_path):
+    from cxr_tfdata import evaluate
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(_good_png(1))
+    (folder / "b.png").write_bytes(_good_png(2))
+    cams = tmp_path / "cams"
+    for paths in ([folder / "a.png"], [folder / "b.png"], [folder / "a.png"]):  # A, then B, then A again
+        predict.predict(_predict_config(tiny, paths, gradcam_dir=str(cams)), io.StringIO())
+    assert sorted(os.listdir(cams)) == [outputs.FOLDER_MARKER, "a_gradcam.png", "b_gradcam.png"]
+    marker = (cams / outputs.FOLDER_MARKER).read_text()
+    with pytest.raises(outputs.UnsafeOutputError, match="holds the output of cxr-predict"):
+        evaluate.evaluate(_evaluate_config(tiny, cams, overwrite=True))
+    assert (cams / outputs.FOLDER_MARKER).read_text() == marker
+
+
+def test_a_failed_evaluation_in_an_existing_folder_keeps_its_claim(tiny, tmp_path):
+    from cxr_tfdata import evaluate
+
+    folder = tmp_path / "eval"
+    evaluate.evaluate(_evaluate_config(tiny, folder, threshold=0.5))
+    with pytest.raises(ValueError, match="split 'nope'"):
+        evaluate.evaluate(_evaluate_config(tiny, folder, split="nope", threshold=0.5))
+    evaluate.evaluate(_evaluate_config(tiny, folder, threshold=0.5))  # still recognised: no --overwrite needed
+
+
+def test_evaluation_on_a_full_disk_names_the_file_and_leaves_nothing(tiny, tmp_path):
+    from cxr_tfdata import evaluate
+
+    with _tmpfs(tmp_path / "small", "40k") as disk:
+        with pytest.raises(OSError) as failed:
+            evaluate.evaluate(_evaluate_config(tiny, disk / "eval", threshold=0.5))
+        assert failed.value.filename and str(disk / "eval") in failed.value.filename
+        assert os.listdir(disk) == []
+
+
+def test_bench_json_replaces_only_its_own_results(tmp_path):
+    from cxr_tfdata.cli import bench_input
+
+    (tmp_path / "settings.json").write_text("{}")
+    (tmp_path / "ours.json").write_text(json.dumps({"aug=cpu,cache=on": {"images_per_second": 1.0}}))
+    assert not bench_input.is_benchmark_json(str(tmp_path / "settings.json"))
+    assert bench_input.is_benchmark_json(str(tmp_path / "ours.json"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Content, not only counts; files that never end
+
+
+def test_the_fingerprint_changes_when_the_images_do(images, tmp_path):
+    first = build.build_dataset(_build_config(images, tmp_path / "a"))
+    for path in (images / "train" / "NORMAL").glob("*.jpeg"):
+        with Image.open(path) as image:
+            image.transpose(Image.Transpose.ROTATE_90).save(path)
+    second = build.build_dataset(_build_config(images, tmp_path / "b"))
+    assert first["splits"]["train"]["num_examples"] == second["splits"]["train"]["num_examples"]
+    assert features.manifest_fingerprint(first) != features.manifest_fingerprint(second)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "folder", "zip_bomb"])
+def test_a_model_path_that_is_no_model_file_is_refused_unread(tmp_path, kind):
+    path = tmp_path / "model.keras"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev_zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        import zipfile
+
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("config.json", "{}")
+            with archive.open("model.weights.h5", "w") as member:
+                for _ in range(64):
+                    member.write(bytes(1 << 20))
+    with pytest.raises(model_io.ModelLoadError, match="--model"):
+        model_io.load_model(str(path))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "outside"])
+def test_a_shard_that_is_a_fifo_or_leads_outside_is_refused(tmp_path, kind):
+    data_dir = tmp_path / "records"
+    manifest = write_tiny_dataset(data_dir, {"train": (2, 2), "val": (2, 2)}, image_size=IMAGE_SIZE, num_shards=1)
+    shard = data_dir / manifest["splits"]["train"]["shard_files"][0]
+    shard.unlink()
+    if kind == "fifo":
+        os.mkfifo(shard)
+    else:
+        (tmp_path / "elsewhere").write_bytes(b"")
+        shard.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="not a regular file|outside the dataset folder"):
+        features.shard_paths(str(data_dir), features.read_manifest(str(data_dir)), "train")
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"\xff\xfe not utf-8", "is not valid JSON"),
+    (json.dumps({"image_size": "abc", "class_names": ["NORMAL", "PNEUMONIA"], "splits": {}}).encode(),
+     "'image_size' is 'abc'"),
+    (json.dumps({"image_size": 32, "class_names": ["NORMAL", "PNEUMONIA"],
+                 "splits": {"train": {"num_examples": 1}}}).encode(), "no list of 'shard_files'"),
+])
+def test_a_garbled_manifest_is_named_with_what_is_wrong(tmp_path, content, fragment):
+    (tmp_path / "manifest.json").write_bytes(content)
+    with pytest.raises(ValueError, match=fragment) as refused:
+        features.read_manifest(str(tmp_path))
+    assert str(tmp_path / "manifest.json") in str(refused.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors and signals
+
+
+@pytest.mark.parametrize("module, args, fragment", [
+    ("cxr_tfdata.cli.bench_input", ["--data_dir="], "--data_dir: is required"),
+    ("tfrecords_builder", ["--input_dir=x", "--output_dir=y", "--image_size=abc"], "--image_size"),
+])
+def test_flag_errors_are_one_line(module, args, fragment):
+    result = _run(module, *args)
+    assert result.returncode in (1, 2) and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and fragment in errors[0], result.stderr[-2000:]
+    assert "FATAL" not in result.stderr and "USAGE" not in result.stderr
+
+
+def test_max_file_mb_must_be_finite():
+    with pytest.raises(ValueError, match="--max_file_mb"):
+        build.BuildConfig(input_dir="a", output_dir="b", max_file_mb=float("inf"))
+
+
+_SLOW_BUILD = textwrap.dedent("""
+    import sys, time
+    from tfrecords_builder import imaging, main, worker
+    real = imaging.convert
+    def slow(data, options):
+        time.sleep(0.3)
+        return real(data, options)
+    imaging.convert = slow
+    sys.argv = ["cxr-build-tfrecords", *sys.argv[1:]]
+    main.run()
+""")
+
+
+def test_sigterm_during_a_build_cleans_up_like_ctrl_c(images, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    process = subprocess.Popen([sys.executable, "-c", _SLOW_BUILD, f"--input_dir={images}", f"--output_dir={out}",
+                                "--image_size=32", "--num_workers=1"], cwd=REPO_ROOT, env=env,
+                               stderr=subprocess.PIPE, text=True)
+    staging = tmp_path / f".out.incomplete-{process.pid}"
+    deadline = time.monotonic() + 120
+    while not staging.exists():
+        assert process.poll() is None and time.monotonic() < deadline, "the build never started writing"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr[-2000:]
+    assert stderr.rstrip().endswith("cxr-build-tfrecords: terminated")
+    assert sorted(os.listdir(tmp_path)) == ["images"]  # no staging folder, no lock file

@@ -23,6 +23,8 @@ from cxr_tfdata import config as cxr_config
 from cxr_tfdata import folder_swap, locking, outputs
 from tfrecords_builder import imaging, manifest, plan, scan, writer
 
+# What a staging folder holds: the TFDS builder's data_dir, and the finished dataset moved out of it.
+_STAGING_ENTRIES = ("tfds", "dataset")
 # A split losing more than this share of its files (unreadable, or dropped as leaks) is warned about.
 LOSS_WARNING_FRACTION = 0.05
 
@@ -65,7 +67,8 @@ class BuildConfig:
         require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         require(self.num_shards >= 0, "num_shards", f"must be >= 0, got {self.num_shards}")
         require(self.target_shard_mb > 0, "target_shard_mb", f"must be > 0, got {self.target_shard_mb}")
-        require(self.max_file_mb > 0, "max_file_mb", f"must be > 0, got {self.max_file_mb}")
+        require(0 < self.max_file_mb < 1 << 30, "max_file_mb",
+                f"must be a number of MB in (0, 2^30), got {self.max_file_mb}")
         self.encode_options()  # validates image_size, encoding, jpeg_quality
 
     def encode_options(self) -> imaging.EncodeOptions:
@@ -138,15 +141,16 @@ def build_dataset(config: BuildConfig) -> dict:
     """Builds the dataset; returns the manifest. Raises scan.LayoutError, writer.BuildError or
     outputs.UnsafeOutputError (the output may not be written); locking.LockedError when another
     build of the same output is running."""
-    input_dir, output_dir = os.path.abspath(config.input_dir), os.path.abspath(config.output_dir)
+    input_dir, output_dir = outputs.resolved(config.input_dir), outputs.canonical(config.output_dir)
     config = dataclasses.replace(config, input_dir=input_dir, output_dir=output_dir)
-    outputs.check_apart("--output_dir", output_dir, {"--input_dir": input_dir})
+    inputs = {"--input_dir": input_dir}
+    outputs.check_apart("--output_dir", output_dir, inputs)
     if not os.path.isdir(input_dir):
         raise scan.LayoutError(f"input dir {input_dir} does not exist or is not a folder")
     os.makedirs(os.path.dirname(output_dir), exist_ok=True)
     with locking.exclusive_lock(locking.lock_path_beside(output_dir), f"--output_dir={output_dir}",
                                 "cxr-build-tfrecords"):
-        folder_swap.recover(output_dir)
+        folder_swap.recover(output_dir, outputs.dataset_problems, _STAGING_ENTRIES, inputs)
         _check_output(config)
         return _build_locked(config)
 

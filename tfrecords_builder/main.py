@@ -61,7 +61,9 @@ def main(argv):
     if _VERIFY.value:
         report = verify.verify_dataset(config.output_dir)
         if not report.ok:
-            sys.exit(f"cxr-build-tfrecords: verify failed: {report.summary()}")
+            for problem in report.errors:
+                print(f"cxr-build-tfrecords: problem: {problem}", file=sys.stderr)
+            raise verify.VerifyError(f"verify failed: {report.summary()}")
         logging.info("%s", report.summary())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Any
@@ -39,7 +40,18 @@ def _split_entry(split: str, builder, outcome, dataset_dir: str, num_dropped_lea
         "num_dropped_leaks": num_dropped_leaks,
         "num_shards": len(shard_files),
         "shard_files": shard_files,
+        # The bytes of each shard: what the dataset's fingerprint (features.manifest_fingerprint)
+        # and cxr-verify-tfrecords check, so two datasets with the same counts never pass as one.
+        "shard_sha256": [_sha256(os.path.join(dataset_dir, f)) for f in shard_files],
     }
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def make_manifest(config, the_plan, builder, strays: list[str], unusable, dataset_dir: str,

@@ -89,6 +89,8 @@ def write_sample(output_dir: str, num_images: int, seed: int = 0) -> list[Sample
     """Writes <output_dir>/{train,test}/{NORMAL,PNEUMONIA}/*.jpeg; refuses a non-empty output_dir."""
     if num_images < 8:
         raise ValueError(f"--num_images: must be >= 8 (both classes in train and test), got {num_images}")
+    if not output_dir:
+        raise ValueError("--output_dir: is required")
     if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
         raise FileExistsError(f"--output_dir={output_dir} is a file, not a folder")
     if os.path.isdir(output_dir) and os.listdir(output_dir):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from absl import app, flags, logging
 
 from cxr_tfdata.cli import run_main
@@ -16,7 +18,15 @@ flags.mark_flag_as_required("output_dir")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    images = sample.write_sample(_OUTPUT_DIR.value, _NUM_IMAGES.value, _SEED.value)
+    from cxr_tfdata import locking, outputs
+
+    if not _OUTPUT_DIR.value:
+        raise ValueError("--output_dir: is required")
+    output_dir = outputs.canonical(_OUTPUT_DIR.value)
+    os.makedirs(os.path.dirname(output_dir), exist_ok=True)
+    with locking.exclusive_lock(locking.lock_path_beside(output_dir), f"--output_dir={output_dir}",
+                                "cxr-make-sample"):
+        images = sample.write_sample(output_dir, _NUM_IMAGES.value, _SEED.value)
     logging.info("wrote %d images to %s", len(images), _OUTPUT_DIR.value)
 
 

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import os
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cxr_tfdata import features
+
+
+class VerifyError(ValueError):
+    """A dataset failed verification; the message names its first problem."""
 
 
 @dataclasses.dataclass
@@ -23,9 +28,11 @@ class VerifyReport:
         return not self.errors
 
     def summary(self) -> str:
+        """One line: OK with the counts, or how many problems and the first one."""
         if self.ok:
             return f"{self.data_dir}: OK, {self.num_examples}"
-        return f"{self.data_dir}: {len(self.errors)} problem(s):\n  " + "\n  ".join(self.errors)
+        more = f" (and {len(self.errors) - 1} more problem(s), listed above)" if len(self.errors) > 1 else ""
+        return f"{self.data_dir}: {self.errors[0]}{more}"
 
 
 def _parse_and_decode(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -63,6 +70,9 @@ def _check_split(paths, split, entry, tfds_lengths, image_size, report) -> None:
         if tfds_lengths is not None and index < len(tfds_lengths) and sum(counts.values()) != tfds_lengths[index]:
             report.errors.append(f"bad shard {path}: {sum(counts.values())} records, "
                                  f"dataset_info.json says {tfds_lengths[index]}")
+        recorded = entry.get("shard_sha256") or []
+        if index < len(recorded) and _sha256(path) != recorded[index]:
+            report.errors.append(f"bad shard {path}: its bytes differ from the sha256 recorded in manifest.json")
         totals.update(counts)
     report.num_examples[split] = sum(totals.values())
     if sum(totals.values()) != entry["num_examples"]:
@@ -70,6 +80,14 @@ def _check_split(paths, split, entry, tfds_lengths, image_size, report) -> None:
     class_counts = {name: totals[i] for i, name in enumerate(features.CLASS_NAMES)}
     if class_counts != entry.get("class_counts", class_counts):
         report.errors.append(f"split {split}: class counts {class_counts}, manifest says {entry['class_counts']}")
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _tfds_shard_lengths(data_dir: str, report: VerifyReport) -> dict[str, list[int]]:

@@ -18,7 +18,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     report = verify.verify_dataset(_DATA_DIR.value)
     if not report.ok:
-        sys.exit(f"cxr-verify-tfrecords: {report.summary()}")
+        for problem in report.errors:
+            print(f"cxr-verify-tfrecords: problem: {problem}", file=sys.stderr)
+        raise verify.VerifyError(report.summary())
     logging.info("%s", report.summary())
     print(report.summary())
 

@@ -13,6 +13,7 @@ import inspect
 import math
 import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 
@@ -87,6 +88,13 @@ class Progress:
                 f"{rate:.1f} images/s, ETA {eta_text}")
 
 
+def _worker_signals() -> None:
+    """Workers leave Ctrl-C to the parent (which stops the pool and cleans up) and die at once on
+    the SIGTERM that stops the pool, instead of inheriting the parent's handlers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 class WorkerPool:
     """Maps a function over tasks in worker processes, or in this process for num_workers <= 1."""
 
@@ -97,7 +105,7 @@ class WorkerPool:
             # fork, not spawn/forkserver: those re-run the __main__ script in every worker, and a
             # console script's top-level import pulls in TensorFlow (seconds per worker). The pool
             # is made before any TensorFlow op runs, and workers only ever run PIL and hashlib.
-            self._pool = multiprocessing.get_context("fork").Pool(self.num_workers)
+            self._pool = multiprocessing.get_context("fork").Pool(self.num_workers, initializer=_worker_signals)
 
     def _chunksize(self, num_tasks: int) -> int:
         return max(1, min(16, num_tasks // (self.num_workers * 8)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -74,17 +75,42 @@ def error_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text} (unexpected; set {DEBUG_ENVIRONMENT_VARIABLE}=1 for the traceback)"
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like Ctrl-C, so every clean-up (staging folders, locks) runs."""
+
+
+def _terminate(signum, frame):
+    del frame
+    raise Terminated(signum)
+
+
+def _flags_parser(program: str) -> Callable:
+    """absl's flag parsing, with a bad flag reported in one line (absl prints two and exits 1)."""
+    def parse(argv):
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            print(f"{program}: error: {' '.join(str(e).split())}", file=sys.stderr)
+            sys.exit(2)
+
+    return parse
+
+
 def _guarded(main: Callable, program: str) -> Callable:
     def guarded(argv):
+        signal.signal(signal.SIGTERM, _terminate)
         try:
             return main(argv)
-        except (app.UsageError, SystemExit):
+        except SystemExit:
             raise
-        except KeyboardInterrupt:
+        except app.UsageError as e:
+            print(f"{program}: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
+        except (KeyboardInterrupt, Terminated) as e:
             if debugging():
                 raise
-            print(f"{program}: interrupted", file=sys.stderr)
-            return 130
+            print(f"{program}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
+            return 143 if isinstance(e, Terminated) else 130
         except Exception as e:  # noqa: BLE001 -- every failure becomes one line; CXR_DEBUG=1 re-raises it
             if debugging():
                 raise
@@ -102,7 +128,7 @@ def run_main(main: Callable, module_name: str, program: str) -> None:
     """
     for flag in flags.FLAGS.get_flags_for_module(module_name):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-    app.run(_guarded(main, program))
+    app.run(_guarded(main, program), flags_parser=_flags_parser(program))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -217,8 +217,17 @@ def is_benchmark_json(path: str) -> bool:
             content = json.load(f)
     except (OSError, ValueError):
         return False
-    return isinstance(content, dict) and all(
-        isinstance(v, dict) and "images_per_second" in v for v in content.values())
+    if not isinstance(content, dict) or not content:
+        return False
+    for name, value in content.items():
+        if not isinstance(value, dict) or "images_per_second" not in value:
+            return False
+        if name != BASELINE_NAME:
+            try:
+                parse_configuration(name)
+            except ValueError:
+                return False
+    return True
 
 
 def check_settings(configurations: list[str]) -> int:
@@ -251,7 +260,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not _DATA_DIR.value:
-        raise app.UsageError("--data_dir is required")
+        raise ValueError("--data_dir: is required")
     configurations = [c.strip() for c in _CONFIGS.value.split(";") if c.strip()]
     image_size = check_settings(configurations)
     settings = {

@@ -45,7 +45,8 @@ def main(argv):
     rows = predict.predict(config, sys.stdout)
     failed = [row for row in rows if row.error]
     for row in failed:
-        print(f"cxr-predict: {row.path}: {row.error}", file=sys.stderr)
+        path = row.path if row.path.isprintable() else repr(row.path)  # one line per file, whatever its name
+        print(f"cxr-predict: {path}: {row.error}", file=sys.stderr)
     if len(failed) == len(rows):
         print(f"cxr-predict: error: none of the {len(rows)} files could be read", file=sys.stderr)
         return 1
