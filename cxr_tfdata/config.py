@@ -70,6 +70,9 @@ class DataConfig:
     deterministic: bool = False
     # Dtype the batches travel in: "uint8", or the compute dtype ("float16", "bfloat16", "float32").
     batch_dtype: str = "uint8"
+    # grpc://host:port of a tf.data service dispatcher: the train split's reading, decoding and CPU
+    # augmentation then run on the service's workers (input_pipeline.py says how). "": in process.
+    data_service: str = ""
 
     def __post_init__(self):
         _require(bool(self.data_dir), "data_dir", "is required")
@@ -79,6 +82,14 @@ class DataConfig:
         _require(self.cache != "file" or bool(self.cache_dir), "cache_dir", "is required with --cache=file")
         _require(self.shuffle_buffer >= 1, "shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")
         _require(self.batch_dtype in ("uint8", "float16", "bfloat16", "float32"), "batch_dtype", f"unknown dtype {self.batch_dtype!r}")
+        _require(not self.data_service or _is_service_address(self.data_service), "data_service_address",
+                 f"must be grpc://host:port, got {self.data_service!r}")
+
+
+def _is_service_address(address: str) -> bool:
+    protocol, _, rest = address.partition("://")
+    host, _, port = rest.rpartition(":")
+    return protocol == "grpc" and bool(host) and port.isdigit()
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -93,7 +104,8 @@ def to_json(config: Any) -> str:
 STAGES = ("frozen", "finetune", "both")
 WEIGHTS_CHOICES = ("imagenet", "none")  # or a path to a local "notop" .h5 file
 PRECISION_POLICIES = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
-DISTRIBUTIONS = ("auto", "mirrored", "default")
+DISTRIBUTIONS = ("auto", "default", "mirrored", "multi_worker")
+JIT_CHOICES = ("auto", "true", "false")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,9 +199,10 @@ class TrainConfig:
     finetune: StageConfig = dataclasses.field(default_factory=default_finetune_stage)
     stage: str = "both"
     mixed_precision: str = "auto"
-    jit_compile: bool = False
+    jit_compile: str = "auto"  # auto: XLA on with a GPU or TPU, off on a CPU
     distribution: str = "auto"
     steps_per_epoch: int = 0
+    steps_per_loop: int = 10  # training steps per host call (one tf.function call runs them all)
 
     def __post_init__(self):
         _require(bool(self.model_dir), "model_dir", "is required")
@@ -197,6 +210,8 @@ class TrainConfig:
         _require(self.mixed_precision in PRECISION_POLICIES, "mixed_precision", f"must be one of {PRECISION_POLICIES}, got {self.mixed_precision!r}")
         _require(self.distribution in DISTRIBUTIONS, "distribution", f"must be one of {DISTRIBUTIONS}, got {self.distribution!r}")
         _require(self.steps_per_epoch >= 0, "steps_per_epoch", f"must be >= 0 (0: full epochs), got {self.steps_per_epoch}")
+        _require(self.jit_compile in JIT_CHOICES, "jit_compile", f"must be one of {JIT_CHOICES}, got {self.jit_compile!r}")
+        _require(self.steps_per_loop >= 1, "steps_per_loop", f"must be >= 1, got {self.steps_per_loop}")
         _require(self.frozen.name == "frozen", "stage", "the frozen stage's settings must be named 'frozen'")
         _require(self.finetune.name == "finetune", "stage", "the finetune stage's settings must be named 'finetune'")
 

@@ -213,6 +213,11 @@ def _decoded_examples(records: tf.data.Dataset, image_size: int, with_metadata: 
     return parsed.map(decode, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
 
 
+def records_per_pipeline(num_records: int, num_pipelines: int, pipeline_id: int) -> int:
+    """How many records an evaluation pipeline reads (every num_pipelines-th, from pipeline_id)."""
+    return len(range(pipeline_id, num_records, num_pipelines))
+
+
 def _remove_stale_cache_lock(prefix: str) -> None:
     """Removes the lock and partial files of a file cache whose writer died before this process began.
 
@@ -251,13 +256,18 @@ def _cache_name(config: DataConfig, split: str, sizes: list[int], tag: str) -> s
 
 def _read_records(paths: list[str], sizes: list[int], record_counts: list[int], training: bool,
                   config: DataConfig, input_context: tf.distribute.InputContext | None) -> tf.data.Dataset:
-    """Checked records of the shards; in manifest and file order unless training."""
+    """Checked records of the shards; in manifest and file order unless training.
+
+    With several input pipelines, training pipelines read their own shard files when there are
+    enough of them; evaluation pipelines always take every n-th record of the split in file order,
+    so each holds a known number of records (`records_per_pipeline`).
+    """
     files = tf.data.Dataset.from_tensor_slices(
         (paths, tf.constant(sizes, tf.int64), tf.constant(record_counts, tf.int64))
     )
     shard_records_by_context = False
     if input_context is not None and input_context.num_input_pipelines > 1:
-        if len(paths) >= input_context.num_input_pipelines:
+        if training and len(paths) >= input_context.num_input_pipelines:
             files = files.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
         else:
             shard_records_by_context = True
@@ -321,7 +331,7 @@ def _to_batch_dtype(images: tf.Tensor, dtype: str) -> tf.Tensor:
     return tf.cast(images, dtype)
 
 
-def _dataset_options(deterministic: bool, input_context) -> tf.data.Options:
+def _dataset_options(deterministic: bool, input_context, service: bool = False) -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = deterministic
     options.autotune.enabled = True
@@ -330,10 +340,52 @@ def _dataset_options(deterministic: bool, input_context) -> tf.data.Options:
     # strategy splits the data by element, which works whatever the number of shards.
     options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.OFF
-        if input_context is not None
+        if input_context is not None or service
         else tf.data.experimental.AutoShardPolicy.DATA
     )
     return options
+
+
+def _augment_examples_on_cpu(examples: tf.data.Dataset, augment: AugmentConfig,
+                             config: DataConfig) -> tf.data.Dataset:
+    """`_augment_on_cpu` for single examples (what a tf.data service worker sends)."""
+    seeds = tf.data.Dataset.random(seed=config.seed, rerandomize_each_iteration=True).batch(2)
+
+    def apply(example, seed):
+        image, *rest = example
+        augmented = augment_batch(image[None], augment, seed, xla_compatible=True)[0]
+        return (tf.saturate_cast(tf.round(augmented), tf.uint8), *rest)
+
+    return tf.data.Dataset.zip(examples, seeds).map(apply, num_parallel_calls=AUTOTUNE,
+                                                     deterministic=config.deterministic)
+
+
+def served_examples(config: DataConfig, split: str, augment: AugmentConfig | None, job_name: str = "",
+                    with_metadata: bool = False, repeat: bool = True) -> tf.data.Dataset:
+    """The train split's examples, read, decoded, shuffled and augmented on tf.data service workers.
+
+    Processing mode "distributed_epoch" (ShardingPolicy.DYNAMIC): the dispatcher hands the shard
+    files of each pass to the service workers one by one, so a pass delivers every example exactly
+    once, spread over the workers; with `repeat` the passes follow each other without end, each
+    shuffled afresh. Trainers that share `job_name` (the workers of one multi-worker run) share
+    the stream: each example of a pass goes to one of them. A service worker that dies loses the
+    examples of the shard it was reading in that pass (none is delivered twice); the others carry
+    on. Examples travel one by one; the trainer batches them, so no example is dropped at the end
+    of a pass. The decoded-image cache is not used here (it would pin each worker to the shards it
+    saw first).
+    """
+    paths, sizes = _checked_shard_files(config.data_dir, split, config)
+    record_counts = _tfds_shard_lengths(config.data_dir, split, paths)
+    records = _read_records(paths, sizes, record_counts, True, config, input_context=None)
+    examples = _decoded_examples(records, config.image_size, with_metadata, config.deterministic)
+    examples = examples.shuffle(config.shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True)
+    if augment is not None and augment.placement == "cpu":
+        examples = _augment_examples_on_cpu(examples, augment, config)
+    if repeat:
+        examples = examples.repeat()
+    return examples.apply(tf.data.experimental.service.distribute(
+        processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
+        service=config.data_service, job_name=job_name or None))
 
 
 def create_dataset(
@@ -346,6 +398,7 @@ def create_dataset(
     with_metadata: bool = False,
     *,
     repeat: bool = False,
+    service_job: str = "",
 ) -> tf.data.Dataset:
     """Batches of (images, labels[, {"filename", "patient_id"}]) from a split built by cxr-build-tfrecords.
 
@@ -355,9 +408,19 @@ def create_dataset(
     forever when `repeat`. training=False: shards in manifest order, records in file order, no
     augmentation, last partial batch kept. With an `input_context` (from
     `strategy.distribute_datasets_from_function`), `batch_size` is the per-replica batch.
+    With `config.data_service`, training examples come from the tf.data service (`served_examples`;
+    service_job names the job that the trainers of one run share) and are only batched here.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if training and config.data_service:
+        if config.balanced_sampling:
+            raise ValueError("--balanced_sampling: not available with --data_service_address (the service "
+                             "splits one stream of the split's files among its workers)")
+        examples = served_examples(config, split, augment, service_job, with_metadata, repeat)
+        batches = examples.batch(batch_size, drop_remainder=True)
+        # The service splits the data: no strategy may shard it again (as with an input context).
+        return _finished(batches, config, with_metadata, config.deterministic, input_context, service=True)
     paths, sizes = _checked_shard_files(config.data_dir, split, config)
     record_counts = _tfds_shard_lengths(config.data_dir, split, paths)
     deterministic = config.deterministic or not training
@@ -388,7 +451,12 @@ def create_dataset(
                              deterministic=deterministic)
     if training and augment is not None and augment.placement == "cpu":
         batches = _augment_on_cpu(batches, augment, config)
+    return _finished(batches, config, with_metadata, deterministic, input_context)
 
+
+def _finished(batches: tf.data.Dataset, config: DataConfig, with_metadata: bool, deterministic: bool,
+              input_context, service: bool = False) -> tf.data.Dataset:
+    """Batch dtype, float labels, metadata as a dict, prefetch and the dataset options."""
     def finish(images, labels, *metadata):
         out = (_to_batch_dtype(images, config.batch_dtype), tf.cast(labels, tf.float32))
         if with_metadata:
@@ -396,4 +464,4 @@ def create_dataset(
         return out
 
     batches = batches.map(finish, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-    return batches.prefetch(AUTOTUNE).with_options(_dataset_options(deterministic, input_context))
+    return batches.prefetch(AUTOTUNE).with_options(_dataset_options(deterministic, input_context, service))

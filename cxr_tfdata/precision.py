@@ -1,4 +1,4 @@
-"""Hardware-dependent choices: the mixed-precision policy and the tf.distribute strategy."""
+"""The mixed-precision policy: which one the hardware calls for, and whether it needs loss scaling."""
 
 from __future__ import annotations
 
@@ -77,17 +77,6 @@ def global_policy_scope(policy: str) -> Iterator[None]:
         keras.config.set_dtype_policy(previous)
 
 
-def choose_strategy(distribution: str) -> tf.distribute.Strategy:
-    """--distribution: "auto" mirrors over the GPUs when more than one is visible, else one device;
-    "mirrored" forces MirroredStrategy over all visible GPUs, or over all logical CPUs without a GPU
-    (how the multi-replica path is tested on a CPU); "default" always uses one device."""
-    gpus = tf.config.list_logical_devices("GPU")
-    if distribution == "default" or (distribution == "auto" and len(gpus) <= 1):
-        strategy = tf.distribute.get_strategy()
-    else:
-        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
-        strategy = tf.distribute.MirroredStrategy(devices=devices)
-    logging.info(
-        "Distribution %s with %d replica(s)", type(strategy).__name__, strategy.num_replicas_in_sync
-    )
-    return strategy
+def needs_loss_scaling() -> bool:
+    """float16 needs dynamic loss scaling (small gradients underflow); bfloat16 and float32 do not."""
+    return keras.config.dtype_policy().compute_dtype == "float16"

@@ -7,9 +7,11 @@ Files in a model dir:
   final.keras                      the best model of the last stage run
   history_frozen.csv, history_finetune.csv   one row per completed epoch
   metrics.json                     val metrics of each stage's best model
-  logs/<stage>/                    TensorBoard
-  checkpoints/<stage>_last.weights.h5, checkpoints/<stage>_state.json   resume state
+  logs/<stage>/{train,validation}/ TensorBoard
+  checkpoints/<stage>_state.json   the stage's committed state: epoch, best, counters, learning rate
+  checkpoints/<stage>_epoch<N>.{index,data-*}   model and optimizer after epoch N (tf.train.Checkpoint)
   checkpoints/<stage>_best-epoch<N>.keras   a new best model until the state file commits its epoch
+  checkpoints/workertemp_<task>/   a non-chief worker's scratch copy of a checkpoint, removed at once
   .cxr-tfdata.lock                 held while a run writes here (see locking.py)
 Every file is written through `atomic`, so a kill at any moment leaves either the old or the new
 version, never half a file. Nothing else in a model dir is ever written or deleted.
@@ -27,6 +29,7 @@ import dataclasses
 import glob
 import json
 import os
+import shutil
 from typing import Any
 
 from absl import logging
@@ -40,9 +43,10 @@ FINAL_MODEL_FILE = "final.keras"
 STAGES = ("frozen", "finetune")
 DATASET_FINGERPRINT_KEY = "dataset_fingerprint"
 # Settings a run may be resumed with other values of (config.json keys): the stage to run, and
-# how data is cached and steps are compiled and placed, which change speed but not what is
-# learned. (The batch size is per replica: a different replica count changes the global batch.)
-RESTARTABLE_WITH_OTHER = {"stage", "data.cache", "data.cache_dir", "jit_compile", "distribution"}
+# how data is cached, served and steps are compiled, looped and placed, which change speed but not
+# what is learned. (The batch size is per replica: a different replica count changes the global batch.)
+RESTARTABLE_WITH_OTHER = {"stage", "data.cache", "data.cache_dir", "data.data_service", "jit_compile",
+                          "distribution", "steps_per_loop"}
 # Path-valued settings, compared after resolving.
 _PATH_KEYS = ("model_dir", "data.data_dir", "data.cache_dir")
 # The top-level keys of a config.json written by cxr-train.
@@ -56,30 +60,45 @@ class ConfigMismatchError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class StagePaths:
+    stage: str
     best_model: str
-    last_weights: str
     state: str
     history_csv: str
     log_dir: str
-    pending_best_prefix: str
+    checkpoint_dir: str
 
     def pending_best_model(self, epoch: int) -> str:
         """Where epoch's new best model waits for the state file that commits it."""
-        return f"{self.pending_best_prefix}{epoch}.keras"
+        return os.path.join(self.checkpoint_dir, f"{self.stage}_best-epoch{epoch}.keras")
 
     def pending_best_models(self) -> list[str]:
-        return glob.glob(glob.escape(self.pending_best_prefix) + "*.keras")
+        return glob.glob(os.path.join(glob.escape(self.checkpoint_dir), f"{self.stage}_best-epoch*.keras"))
+
+    def checkpoint_name(self, epoch: int) -> str:
+        """The name (prefix) of the model and optimizer checkpoint written after `epoch`."""
+        return f"{self.stage}_epoch{epoch}"
+
+    def checkpoints(self) -> list[str]:
+        """Prefixes of this stage's checkpoints on disk, committed or not."""
+        index_files = glob.glob(os.path.join(glob.escape(self.checkpoint_dir), f"{self.stage}_epoch*.index"))
+        return sorted(path[: -len(".index")] for path in index_files)
+
+    def checkpoint_files(self) -> list[str]:
+        return glob.glob(os.path.join(glob.escape(self.checkpoint_dir), f"{self.stage}_epoch*.*"))
+
+    def worker_scratch(self, task_id: int) -> str:
+        """Where a non-chief worker writes its checkpoint copy (TensorFlow's multi-worker guide)."""
+        return os.path.join(self.checkpoint_dir, f"workertemp_{task_id}")
 
 
 def stage_paths(model_dir: str, stage: str) -> StagePaths:
-    checkpoints = os.path.join(model_dir, "checkpoints")
     return StagePaths(
+        stage=stage,
         best_model=os.path.join(model_dir, f"{stage}_best.keras"),
-        last_weights=os.path.join(checkpoints, f"{stage}_last.weights.h5"),
-        state=os.path.join(checkpoints, f"{stage}_state.json"),
+        state=os.path.join(model_dir, "checkpoints", f"{stage}_state.json"),
         history_csv=os.path.join(model_dir, f"history_{stage}.csv"),
         log_dir=os.path.join(model_dir, "logs", stage),
-        pending_best_prefix=os.path.join(checkpoints, f"{stage}_best-epoch"),
+        checkpoint_dir=os.path.join(model_dir, "checkpoints"),
     )
 
 
@@ -95,7 +114,8 @@ def run_output_paths(model_dir: str) -> tuple[list[str], list[str]]:
     no state that would resume from a deleted model, and config.json still guards the rest.
     """
     stages = [stage_paths(model_dir, stage) for stage in STAGES]
-    files = [path for paths in stages for path in (paths.state, paths.last_weights)]
+    files = [paths.state for paths in stages]
+    files += [path for paths in stages for path in paths.checkpoint_files() + paths.pending_best_models()]
     files += [path for paths in stages for path in (paths.best_model, paths.history_csv)]
     files += [os.path.join(model_dir, name) for name in (FINAL_MODEL_FILE, METRICS_FILE, CONFIG_FILE)]
     return files, [paths.log_dir for paths in stages]
@@ -134,10 +154,13 @@ def _remove_tensorboard_logs(log_dir: str) -> list[str]:
 def remove_run_outputs(model_dir: str) -> None:
     """Deletes an earlier run's outputs, and only those: other files in model_dir are the user's."""
     files, log_dirs = run_output_paths(model_dir)
-    pending = [path for stage in STAGES for path in stage_paths(model_dir, stage).pending_best_models()]
-    for path in pending + files:
+    for path in files:
         if os.path.lexists(path):
             os.remove(path)
+    checkpoints = os.path.join(model_dir, "checkpoints")
+    for scratch in glob.glob(os.path.join(glob.escape(checkpoints), "workertemp_*")):
+        if os.path.isdir(scratch) and not os.path.islink(scratch):
+            shutil.rmtree(scratch)
     kept = [path for log_dir in log_dirs if os.path.isdir(log_dir) for path in _remove_tensorboard_logs(log_dir)]
     logs = os.path.join(model_dir, "logs")
     if os.path.isdir(logs) and not os.path.islink(logs) and not os.listdir(logs):

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_tfdata import features, locking, model_io, outputs, predict, run_dir, tables
+from cxr_tfdata import features, locking, model_io, outputs, predict, run_dir, stages, tables
 from tests import eval_fixtures
 from tests.helpers import REPO_ROOT, write_tiny_dataset
 from tfrecords_builder import build, imaging, sample, writer
@@ -318,7 +318,7 @@ def test_resume_on_a_rebuilt_dataset_is_refused_naming_both_fingerprints(records
     started_on = features.manifest_fingerprint(features.read_manifest(str(records)))
     run_dir.prepare(config, started_on)
     state = run_dir.stage_paths(str(model_dir), "frozen").state
-    Path(state).write_text(json.dumps({**train.initial_stage_state(config.frozen), "epochs_completed": 1}))
+    Path(state).write_text(json.dumps({**stages.initial_state(config.frozen), "epochs_completed": 1}))
     shutil.rmtree(records)
     write_tiny_dataset(records, {"train": (4, 4), "val": (3, 3)}, image_size=IMAGE_SIZE)  # rebuilt, fewer images
     before = _tree(model_dir)

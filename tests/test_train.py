@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cxr_tfdata import atomic, cli, input_pipeline, run_dir, train
+from cxr_tfdata import atomic, cli, input_pipeline, loop, run_dir, stages, train
 from cxr_tfdata.config import AugmentConfig, DataConfig, ModelConfig, StageConfig, TrainConfig
 from tests.helpers import write_tiny_dataset
 
@@ -26,14 +27,13 @@ class Interrupted(RuntimeError):
     """Stands for a kill right after an epoch's checkpoint was written."""
 
 
-class InterruptAfterEpoch(keras.callbacks.Callback):
-    def __init__(self, epoch: int):
-        super().__init__()
-        self.epoch = epoch
+def interrupt_after(stop_epoch: int):
+    """An on_epoch_end hook that stops the run once epoch `stop_epoch` is committed."""
+    def hook(stage, epoch):
+        if epoch == stop_epoch:
+            raise Interrupted(f"killed after {stage} epoch {epoch}")
 
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise Interrupted(f"killed after epoch {epoch}")
+    return hook
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +89,7 @@ def frozen_run(data_dir, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("model")
     config = _config(data_dir, model_dir)
     with pytest.raises(Interrupted):
-        train.train_and_evaluate(config, extra_callbacks=[InterruptAfterEpoch(0)])
+        train.train_and_evaluate(config, on_epoch_end=interrupt_after(0))
     interrupted = {
         "state": _state(model_dir, "frozen"),
         "best_digest": _digest(model_dir / "frozen_best.keras"),
@@ -189,7 +189,7 @@ def test_finetune_stage_starts_from_frozen_best_and_learns(frozen_run, data_dir)
 
 def _commit_an_epoch(model_dir):
     """What a completed epoch leaves: a state file (the resume checks look for one)."""
-    state = train.initial_stage_state(StageConfig())
+    state = stages.initial_state(StageConfig())
     atomic.write_json(run_dir.stage_paths(str(model_dir), "frozen").state, {**state, "epochs_completed": 1})
 
 
@@ -216,11 +216,13 @@ def test_resume_may_change_settings_that_do_not_change_results(data_dir, tmp_pat
     _prepare(_config(data_dir, tmp_path))
     _commit_an_epoch(tmp_path)
     cache_dir = str(tmp_path / "cache")
-    faster = _config(data_dir, tmp_path, stage="finetune", jit_compile=True, distribution="default")
+    faster = _config(data_dir, tmp_path, stage="finetune", jit_compile="true", distribution="default",
+                     steps_per_loop=3)
     faster = dataclasses.replace(faster, data=dataclasses.replace(faster.data, cache="file", cache_dir=cache_dir))
     _prepare(faster)
     written = json.loads((tmp_path / "config.json").read_text())
-    assert written["jit_compile"] and written["distribution"] == "default"
+    assert written["jit_compile"] == "true" and written["distribution"] == "default"
+    assert written["steps_per_loop"] == 3
     assert (written["data"]["cache"], written["data"]["cache_dir"]) == ("file", cache_dir)
     with pytest.raises(run_dir.ConfigMismatchError, match=r"\(data\.shuffle_buffer;"):
         _prepare(dataclasses.replace(
@@ -229,6 +231,9 @@ def test_resume_may_change_settings_that_do_not_change_results(data_dir, tmp_pat
 
 def test_overwrite_removes_every_output_of_the_earlier_run_and_nothing_else(data_dir, tmp_path):
     _prepare(_config(data_dir, tmp_path))
+    for name in ("frozen_epoch2.index", "frozen_epoch2.data-00000-of-00001", "workertemp_1/frozen_epoch2.index"):
+        os.makedirs(os.path.dirname(tmp_path / "checkpoints" / name), exist_ok=True)
+        (tmp_path / "checkpoints" / name).write_text("stale")
     files, directories = run_dir.run_output_paths(str(tmp_path))
     for path in files:
         if os.path.basename(path) != "config.json":  # the run's own config.json marks the folder as a run
@@ -251,7 +256,7 @@ def test_overwrite_removes_every_output_of_the_earlier_run_and_nothing_else(data
     assert json.loads((tmp_path / "config.json").read_text())["stage"] == "frozen"
     for name in ("frozen_best.keras", "finetune_best.keras", "final.keras", "metrics.json",
                  "history_frozen.csv", "history_finetune.csv", "checkpoints/frozen_state.json",
-                 "checkpoints/finetune_last.weights.h5"):
+                 "checkpoints/frozen_epoch2.index", "checkpoints/frozen_epoch2.data-00000-of-00001"):
         assert os.path.join(str(tmp_path), name) in files, name
 
 
@@ -276,61 +281,62 @@ def test_balanced_sampling_replaces_class_weights_instead_of_adding_to_them(data
     weighted = _config(data_dir, tmp_path)
     assert train.train_class_weights(weighted, counts) == pytest.approx({0: 2.0, 1: 2 / 3})
     balanced = dataclasses.replace(weighted, data=dataclasses.replace(weighted.data, balanced_sampling=True))
-    with caplog.at_level("INFO"):
+    with caplog.at_level(logging.INFO, logger="absl"):
         assert train.train_class_weights(balanced, counts) is None
     assert "balanced sampling" in caplog.text
     strategy = tf.distribute.get_strategy()
-    train_batches, _, _ = train.make_datasets(balanced, balanced.frozen, strategy, None)
-    assert len(next(iter(train_batches))) == 2  # images and labels: no sample weights
-    train_batches, _, _ = train.make_datasets(weighted, weighted.frozen, strategy, {0: 2.0, 1: 0.5})
+    train_batches, _, _ = train.make_datasets(balanced, balanced.frozen, strategy, None, num_val=8)
+    _, _, weights = next(iter(train_batches))
+    np.testing.assert_array_equal(weights.numpy(), np.ones(8))  # balanced: every example counts once
+    train_batches, _, _ = train.make_datasets(weighted, weighted.frozen, strategy, {0: 2.0, 1: 0.5}, num_val=8)
     _, labels, weights = next(iter(train_batches))
     np.testing.assert_allclose(weights.numpy(), np.where(labels.numpy() == 1, 0.5, 2.0))
 
 
-def _tiny_compiled_model():
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, activation="sigmoid")])
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
-    return model
+def _tiny_runner(tmp_path, state=None, stage=None):
+    """A StageRunner around a tiny model: enough to drive its commit logic without training."""
+    stage = stage or StageConfig()
+    paths = run_dir.stage_paths(str(tmp_path), stage.name)
+    os.makedirs(paths.checkpoint_dir, exist_ok=True)
+
+    def tiny():
+        return keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, activation="sigmoid")])
+
+    model, export_model = tiny(), tiny()
+    optimizer = loop.make_optimizer(stage.learning_rate, loss_scaling=False)
+    optimizer.build(model.trainable_variables)
+    runner = stages.StageRunner(stage, paths, model, optimizer, None, export_model, stages.Cluster())
+    runner.state = state or stages.initial_state(stage)
+    return runner
+
+
+def _commit(runner, epoch, val_loss):
+    stopping, plateau = stages.EarlyStopping(5), stages.PlateauReducer(2, 0.2, 1e-7)
+    runner._commit(epoch, {"loss": 0.5, "val_loss": val_loss, "learning_rate": 1e-3}, False, stopping, plateau)
 
 
 def test_best_model_is_replaced_only_when_val_loss_improves_on_the_persisted_best(tmp_path):
-    stage = StageConfig()
-    paths = run_dir.stage_paths(str(tmp_path), "frozen")
-    os.makedirs(os.path.dirname(paths.state))
-    model = _tiny_compiled_model()
-    state = train.initial_stage_state(stage)
+    state = stages.initial_state(StageConfig())
     state["best_val_loss"] = 0.5  # persisted by an earlier, killed run
-    callbacks = train.stage_callbacks(stage, paths, state)
-    checkpoint = next(c for c in callbacks if isinstance(c, train.StageCheckpoint))
-    for c in callbacks:
-        c.set_model(model)
-        c.on_train_begin()
-    checkpoint.on_epoch_end(3, {"loss": 0.7, "val_loss": 0.6})
-    assert not os.path.exists(paths.best_model)
+    runner = _tiny_runner(tmp_path, state)
+    _commit(runner, 3, 0.6)
+    assert not os.path.exists(runner.paths.best_model)
     assert _state(tmp_path, "frozen")["epochs_completed"] == 4
-    checkpoint.on_epoch_end(4, {"loss": 0.6, "val_loss": 0.4})
-    assert os.path.exists(paths.best_model)
+    _commit(runner, 4, 0.4)
+    assert os.path.exists(runner.paths.best_model)
     saved = _state(tmp_path, "frozen")
     assert saved["best_val_loss"] == pytest.approx(0.4) and saved["best_epoch"] == 4
     assert [int(row["epoch"]) for row in _history(tmp_path, "frozen")] == [3, 4]
-
-
-def _checkpoint_callback(paths, state, model):
-    callbacks = train.stage_callbacks(StageConfig(), paths, state)
-    for c in callbacks:
-        c.set_model(model)
-        c.on_train_begin()
-    return next(c for c in callbacks if isinstance(c, train.StageCheckpoint))
+    # Only the committed epoch's checkpoint is kept.
+    assert runner.paths.checkpoints() == [os.path.join(runner.paths.checkpoint_dir, "frozen_epoch4")]
 
 
 def test_best_model_always_belongs_to_the_committed_best_epoch(tmp_path, monkeypatch):
-    paths = run_dir.stage_paths(str(tmp_path), "frozen")
-    os.makedirs(os.path.dirname(paths.state))
-    model = _tiny_compiled_model()
-    _checkpoint_callback(paths, train.initial_stage_state(StageConfig()), model).on_epoch_end(
-        0, {"loss": 0.7, "val_loss": 0.6})
+    runner = _tiny_runner(tmp_path)
+    _commit(runner, 0, 0.6)
+    paths = runner.paths
     epoch0_model = _digest(paths.best_model)
-    model.set_weights([w + 1.0 for w in model.get_weights()])  # epoch 1 learned something better
+    runner.model.set_weights([w + 1.0 for w in runner.model.get_weights()])  # epoch 1 learned something better
 
     def killed(path, obj):
         raise Interrupted(f"killed before writing {path}")
@@ -340,56 +346,71 @@ def test_best_model_always_belongs_to_the_committed_best_epoch(tmp_path, monkeyp
     with monkeypatch.context() as patch:
         patch.setattr(atomic, "write_json", killed)
         with pytest.raises(Interrupted):
-            _checkpoint_callback(paths, committed, model).on_epoch_end(1, {"loss": 0.5, "val_loss": 0.4})
+            _commit(_tiny_runner(tmp_path, committed), 1, 0.4)
     assert _digest(paths.best_model) == epoch0_model
     restarted = run_dir.read_json(paths.state)
     assert restarted["best_epoch"] == 0
-    train.settle_pending_best(paths, restarted)
+    stages.settle(paths, restarted)
     assert _digest(paths.best_model) == epoch0_model and not paths.pending_best_models()
+    assert paths.checkpoints() == [os.path.join(paths.checkpoint_dir, "frozen_epoch0")]  # epoch 1's is gone
     shutil.copyfile(paths.best_model, tmp_path / "epoch0.keras")
 
     # Killed after the state file committed epoch 1 as the best, before its model was renamed in.
-    _checkpoint_callback(paths, restarted, model).on_epoch_end(1, {"loss": 0.5, "val_loss": 0.4})
+    runner = _tiny_runner(tmp_path, restarted)
+    runner.model.set_weights([w + 1.0 for w in runner.model.get_weights()])
+    _commit(runner, 1, 0.4)
     epoch1_model = _digest(paths.best_model)
     assert epoch1_model != epoch0_model
     os.replace(paths.best_model, paths.pending_best_model(1))
     shutil.copyfile(tmp_path / "epoch0.keras", paths.best_model)
-    train.settle_pending_best(paths, run_dir.read_json(paths.state))
+    stages.settle(paths, run_dir.read_json(paths.state))
     assert _digest(paths.best_model) == epoch1_model and not paths.pending_best_models()
 
 
-def test_callback_state_survives_a_restart(tmp_path):
-    stage = StageConfig(early_stopping_patience=5, reduce_lr_patience=2)
-    persisted = {"wait": 3, "best": 0.25, "best_epoch": 6}
-    early_stopping = train.ResumableEarlyStopping(
-        monitor="val_loss", patience=5, restore_best_weights=True, initial_state=persisted,
-        initial_best_weights=[np.zeros((2, 1), np.float32), np.zeros((1,), np.float32)])
-    reduce_lr = train.ResumableReduceLROnPlateau(
-        monitor="val_loss", patience=stage.reduce_lr_patience, factor=0.5,
-        initial_state={"wait": 1, "cooldown_counter": 0, "best": 0.25})
-    model = _tiny_compiled_model()
-    for callback in (early_stopping, reduce_lr):
-        callback.set_model(model)
-        callback.on_train_begin()
-    assert early_stopping.get_state() == persisted
-    # One more epoch without improvement: ReduceLROnPlateau's patience (2) runs out, as it would have.
-    lr_before = float(model.optimizer.learning_rate)
-    reduce_lr.on_epoch_end(7, {"val_loss": 0.3})
-    assert float(model.optimizer.learning_rate) == pytest.approx(lr_before * 0.5)
-    early_stopping.on_epoch_end(7, {"val_loss": 0.3})
-    early_stopping.on_epoch_end(8, {"val_loss": 0.3})
-    assert model.stop_training and early_stopping.get_state()["wait"] == 5
+def _keras_callback_trace(callback, val_losses, learning_rate=1e-3):
+    """What a Keras callback does over a sequence of epochs: (stop_training, learning rate) per epoch."""
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="mse")
+    callback.set_model(model)
+    callback.on_train_begin()
+    trace = []
+    for epoch, value in enumerate(val_losses):
+        callback.on_epoch_end(epoch, {"val_loss": value})
+        trace.append((bool(model.stop_training), float(model.optimizer.learning_rate)))
+    return trace
 
 
-def test_per_epoch_decay_compounds_with_plateau_reductions():
-    model = _tiny_compiled_model()
-    decay = train.EpochLearningRateDecay(0.5)
-    decay.set_model(model)
-    decay.on_epoch_begin(0)
-    assert float(model.optimizer.learning_rate) == pytest.approx(1e-3)
-    model.optimizer.learning_rate = 1e-4  # as ReduceLROnPlateau would set it
-    decay.on_epoch_begin(1)
-    assert float(model.optimizer.learning_rate) == pytest.approx(5e-5)
+_VAL_LOSSES = [0.9, 0.8, 0.80005, 0.81, 0.79995, 0.7, 0.7, 0.71, 0.72, 0.73, 0.69, 0.7, 0.7, 0.7, 0.7, 0.7]
+
+
+def test_early_stopping_and_plateau_keep_keras_semantics():
+    keras_stop = _keras_callback_trace(
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=3, restore_best_weights=True), _VAL_LOSSES)
+    keras_lr = _keras_callback_trace(
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", patience=2, factor=0.2, min_lr=1e-5), _VAL_LOSSES)
+    stopping, plateau, lr = stages.EarlyStopping(3), stages.PlateauReducer(2, 0.2, 1e-5), 1e-3
+    stops, rates = [], []
+    for epoch, value in enumerate(_VAL_LOSSES):
+        stops.append(stopping.should_stop(epoch, value))
+        lr = plateau.next_learning_rate(value, lr)
+        rates.append(lr)
+    # Training ends at the first stop; Keras' flag stays set after it.
+    assert stops.index(True) == [stop for stop, _ in keras_stop].index(True) == 8
+    assert rates == pytest.approx([rate for _, rate in keras_lr], rel=1e-6)
+    assert min(rates) < 1e-3  # the sequence does trigger reductions
+
+
+def test_stopping_and_plateau_state_survives_a_restart():
+    stopping, plateau = stages.EarlyStopping(5), stages.PlateauReducer(2, 0.5, 1e-7)
+    for epoch, value in enumerate([0.3, 0.25, 0.26]):
+        stopping.should_stop(epoch, value)
+        plateau.next_learning_rate(value, 1e-3)
+    saved = json.loads(json.dumps({"early_stopping": stopping.state(), "reduce_lr": plateau.state()}))
+    restored_stopping = stages.EarlyStopping(5, **saved["early_stopping"])
+    restored_plateau = stages.PlateauReducer(2, 0.5, 1e-7, **saved["reduce_lr"])
+    assert restored_stopping == stopping and restored_plateau == plateau
+    # The next epoch without improvement runs out the plateau's patience, as it would have.
+    assert restored_plateau.next_learning_rate(0.3, 1e-3) == pytest.approx(5e-4)
 
 
 @pytest.mark.slow

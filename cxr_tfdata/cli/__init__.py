@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -47,9 +48,12 @@ def op_error_summary(message: str) -> str:
     cause = next((line for line in lines if line and not line.startswith(noise)), " ".join(message.split()))
     if "with iterator: " in cause:  # raised in a tf.data function: "...with iterator: <path>: <cause>"
         cause = cause.split("with iterator: ", 1)[1].partition(": ")[2] or cause
-    cause = cause.split(" [Op:")[0].strip()
+    cause = re.sub(r"\{\{[^}]*\}\}\s*", "", cause.split(" [Op:")[0]).strip()  # {{function_node ...}}
     if cause.startswith("assertion failed: [") and cause.endswith("]"):
         cause = cause[len("assertion failed: ["):-1]
+    if "Collective ops is aborted" in cause or "Connection reset by peer" in cause:
+        cause = (f"another worker of the cluster stopped ({cause}); rerun every worker's command to resume "
+                 f"from the last completed epoch")
     return cause.replace("\\'", "'")  # tf.debugging.Assert prints strings with quotes escaped
 
 

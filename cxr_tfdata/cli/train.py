@@ -7,6 +7,7 @@ import json
 from absl import app, flags, logging
 
 from cxr_tfdata import config as config_lib
+from cxr_tfdata import distribute
 from cxr_tfdata.cli import run_main
 
 _FROZEN = config_lib.StageConfig()
@@ -67,10 +68,26 @@ _TRAIN_BASE = flags.DEFINE_bool(
 _MIXED_PRECISION = flags.DEFINE_enum(
     "mixed_precision", "auto", list(config_lib.PRECISION_POLICIES),
     "auto: mixed_float16 on tensor-core GPUs, mixed_bfloat16 on TPUs and bfloat16 CPUs, else float32.")
-_JIT_COMPILE = flags.DEFINE_bool("jit_compile", False, "Compile train/eval steps with XLA.")
+_JIT_COMPILE = flags.DEFINE_enum(
+    "jit_compile", "auto", list(config_lib.JIT_CHOICES),
+    "XLA-compile each replica's forward and backward pass. auto: on with a GPU or TPU, off on a CPU.")
 _DISTRIBUTION = flags.DEFINE_enum(
     "distribution", "auto", list(config_lib.DISTRIBUTIONS),
-    "auto: MirroredStrategy with >1 GPU; mirrored: force it (all GPUs, or all logical CPUs); default: one device.")
+    "auto: multi_worker when TF_CONFIG or --worker_hosts name several workers, mirrored with >1 GPU, else "
+    "default (one device); mirrored: all GPUs, or all logical CPUs; multi_worker: MultiWorkerMirroredStrategy.")
+_WORKER_HOSTS = flags.DEFINE_string(
+    "worker_hosts", None,
+    "host:port of every worker, comma-separated, the chief first (instead of TF_CONFIG); with --task_index.")
+_TASK_INDEX = flags.DEFINE_integer("task_index", None, "This worker's index in --worker_hosts (0: the chief).")
+_WORKER_TIMEOUT = flags.DEFINE_float(
+    "worker_timeout", 180.0,
+    "Seconds a multi-worker run waits for every worker to join before it fails naming the ones that do not answer.")
+_STEPS_PER_LOOP = flags.DEFINE_integer(
+    "steps_per_loop", 10, "Training steps per host call: more keeps an accelerator busier between Python calls.")
+_DATA_SERVICE = flags.DEFINE_string(
+    "data_service_address", "",
+    "grpc://host:port of a tf.data service dispatcher (cxr-data-service): the train split is read, decoded "
+    "and augmented (--augment=cpu) on its workers. Val stays local.")
 
 _AUGMENT_PLACEMENT = flags.DEFINE_enum(
     "augment", _AUGMENT.placement, list(config_lib.AUGMENT_PLACEMENTS),
@@ -115,7 +132,7 @@ def config_from_flags() -> config_lib.TrainConfig:
     data = config_lib.DataConfig(
         data_dir=data_dir, image_size=image_size, cache=_CACHE.value, cache_dir=_CACHE_DIR.value,
         shuffle_buffer=_SHUFFLE_BUFFER.value, balanced_sampling=_BALANCED.value, seed=_SEED.value,
-        deterministic=_DETERMINISTIC.value,
+        deterministic=_DETERMINISTIC.value, data_service=_DATA_SERVICE.value,
     )
     augment = config_lib.AugmentConfig(
         placement=_AUGMENT_PLACEMENT.value, rotation_range=_ROTATION.value, zoom_range=_ZOOM.value,
@@ -135,19 +152,41 @@ def config_from_flags() -> config_lib.TrainConfig:
                                _FINETUNE_LR_DECAY, _FINETUNE_ES_PATIENCE, _FINETUNE_RLR_PATIENCE),
         stage=_STAGE.value, mixed_precision=_MIXED_PRECISION.value, jit_compile=_JIT_COMPILE.value,
         distribution=_DISTRIBUTION.value, steps_per_epoch=_STEPS_PER_EPOCH.value,
+        steps_per_loop=_STEPS_PER_LOOP.value,
     )
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = config_from_flags()  # before TensorFlow is imported: flag errors come at once
+    if _WORKER_HOSTS.value:
+        distribute.cluster_from_flags(_WORKER_HOSTS.value, _TASK_INDEX.value)
+    elif _TASK_INDEX.value is not None:
+        raise ValueError("--task_index: only with --worker_hosts")
+    watchdog = _multi_worker_watchdog(_DISTRIBUTION.value)  # forked before TensorFlow is imported
+    config = config_from_flags()
+    # A multi-worker strategy must exist before any other TensorFlow op: it is made first.
+    placement = distribute.choose_placement(config.distribution, config.jit_compile)
+    if watchdog is not None:
+        watchdog.cluster_formed()
     from cxr_tfdata import train
 
-    metrics = train.train_and_evaluate(config, overwrite=_OVERWRITE.value)
+    metrics = train.train_and_evaluate(config, overwrite=_OVERWRITE.value, placement=placement)
     logging.info("Done: %s", config.model_dir)
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
+
+
+def _multi_worker_watchdog(distribution: str):
+    """A watchdog for the forming of a multi-worker cluster (see distribute.Watchdog), or None."""
+    cluster = distribute.cluster_config()
+    addresses = distribute.cluster_addresses(cluster) if cluster else []
+    if distribution == "multi_worker" or (distribution == "auto" and len(addresses) > 1):
+        if not _WORKER_TIMEOUT.value > 0:
+            raise ValueError(f"--worker_timeout: must be > 0 seconds, got {_WORKER_TIMEOUT.value}")
+        others = [a for a in addresses if a != distribute.own_address(cluster)]
+        return distribute.Watchdog(_WORKER_TIMEOUT.value, others, "cxr-train", len(addresses))
+    return None
 
 
 def run():
