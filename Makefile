@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo_output
-export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: venv install demo test lint bench clean
 
@@ -39,7 +38,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check cxr_tfdata tfrecords_builder tests benchmarks
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 lint: install
 	$(BIN)/ruff check cxr_tfdata tfrecords_builder tests benchmarks

@@ -22,7 +22,15 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from cxr_tfdata import atomic, distribute, features, input_pipeline, loop, precision, train
+from cxr_tfdata import (
+    atomic,
+    dataset_info,
+    distribute,
+    input_pipeline,
+    loop,
+    precision,
+    train,
+)
 from cxr_tfdata.config import AugmentConfig, DataConfig, ModelConfig, StageConfig, TrainConfig
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Dataset written by cxr-build-tfrecords.")
@@ -39,8 +47,7 @@ flags.mark_flag_as_required("data_dir")
 
 
 def _config(data_service: str = "") -> TrainConfig:
-    manifest = features.read_manifest(_DATA_DIR.value)
-    image_size = _IMAGE_SIZE.value or int(manifest["image_size"])
+    image_size = _IMAGE_SIZE.value or dataset_info.load(_DATA_DIR.value).image_size
     return TrainConfig(
         model_dir="unused", data=DataConfig(data_dir=_DATA_DIR.value, image_size=image_size, data_service=data_service),
         augment=AugmentConfig(placement=_AUGMENT.value), model=ModelConfig(weights="none"),
@@ -66,7 +73,7 @@ def _time_loop(step_loop: loop.Loop, iterator, warmup: int, steps: int, batch: i
 
 def _fill_cache(config: TrainConfig, strategy, num_train: int) -> object:
     """The real train iterator, after one pass over the split has filled the decoded-image cache."""
-    dataset, _, _ = train.make_datasets(config, config.frozen, strategy, None, num_val=1)
+    dataset, _, _ = train.make_datasets(config, config.frozen, strategy, None, dataset_info.load(config.data.data_dir))
     iterator = iter(dataset)
     for _ in range(max(1, num_train // config.frozen.batch_size)):
         next(iterator)
@@ -93,7 +100,8 @@ def measure_data_service(config: TrainConfig, strategy) -> float:
     dispatcher = service.DispatchServer(service.DispatcherConfig(port=0))
     worker = service.WorkerServer(service.WorkerConfig(dispatcher_address=dispatcher.target.split("://")[1]))
     served = _config(data_service=dispatcher.target)
-    dataset, _, _ = train.make_datasets(served, served.frozen, strategy, None, num_val=1, service_job="bench")
+    dataset, _, _ = train.make_datasets(served, served.frozen, strategy, None, dataset_info.load(served.data.data_dir),
+                                        service_job="bench")
     rate = _time_loop(_new_loop(served, strategy), iter(dataset), _WARMUP.value * 4, _STEPS.value,
                       served.frozen.batch_size)
     del worker, dispatcher  # stopped with the process
@@ -101,15 +109,19 @@ def measure_data_service(config: TrainConfig, strategy) -> float:
 
 
 def measure_fit(config: TrainConfig, strategy, num_train: int) -> float:
-    """Keras model.fit, compiled as cxr-train compiled it before the loop, on the same pipeline."""
+    """Keras model.fit, compiled exactly as cxr-train compiled it before the loop (its metrics, no XLA,
+    one step per call), on the same pipeline."""
     batch = config.frozen.batch_size
     augment = config.augment if config.augment.placement == "cpu" else None
     dataset = input_pipeline.create_dataset(config.data, "train", batch, training=True, augment=augment,
                                             repeat=True)
     with strategy.scope():
         model = train._stage_architecture(config, config.frozen)
-        model.compile(optimizer=keras.optimizers.Adam(config.frozen.learning_rate),
-                      loss=keras.losses.BinaryCrossentropy(), steps_per_execution=config.steps_per_loop)
+        model.compile(
+            optimizer=keras.optimizers.Adam(config.frozen.learning_rate), loss=keras.losses.BinaryCrossentropy(),
+            metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.Precision(name="precision"),
+                     keras.metrics.Recall(name="recall"), keras.metrics.AUC(name="auc")],
+            jit_compile=False)
     # The first call compiles and fills the decoded-image cache, which later iterators reuse.
     fill = max(1, num_train // batch) + _WARMUP.value
     model.fit(dataset, steps_per_epoch=fill, epochs=1, verbose=0)
@@ -124,7 +136,8 @@ def main(argv):
     placement = distribute.choose_placement("default", "false")
     config = _config()
     precision.set_precision_policy(config.mixed_precision)
-    num_train = int(features.read_manifest(_DATA_DIR.value)["splits"]["train"]["num_examples"])
+    info = dataset_info.load(_DATA_DIR.value)
+    num_train = info.num_examples("train")
     results = {}
     for name, measure in (("synthetic", lambda: measure_synthetic(config, placement.strategy)),
                           ("real", lambda: measure_real(config, placement.strategy, num_train)),

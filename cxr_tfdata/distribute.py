@@ -23,7 +23,6 @@ import os
 import select
 import signal
 import socket
-import sys
 import time
 
 from cxr_tfdata.config import DISTRIBUTIONS
@@ -125,8 +124,9 @@ class Placement:
 
     def describe(self) -> str:
         role = "chief" if self.is_chief else f"worker {self.task_id}"
-        kind = {"CollectiveAllReduceStrategy": "MultiWorkerMirroredStrategy"}.get(type(self.strategy).__name__,
-                                                                                type(self.strategy).__name__)
+        kind = {"CollectiveAllReduceStrategy": "MultiWorkerMirroredStrategy",
+                "_DefaultDistributionStrategy": "one device (no tf.distribute strategy)"}.get(
+                    type(self.strategy).__name__, type(self.strategy).__name__)
         return (f"{kind} with {self.strategy.num_replicas_in_sync} replica(s) on "
                 f"{self.num_workers} worker(s) (this process: {role}); XLA {'on' if self.jit_compile else 'off'} "
                 f"({self.jit_reason})")
@@ -198,7 +198,7 @@ class Watchdog:
     thread nor a signal handler can act.
     """
 
-    def __init__(self, seconds: float, addresses: list[str], program: str, cluster_size: int):
+    def __init__(self, seconds: float, addresses: list[str], program: str, cluster_size: int, error_fd: int = 2):
         read_end, self._write_end = os.pipe()
         parent = os.getpid()
         self._child = os.fork()
@@ -210,9 +210,10 @@ class Watchdog:
                 dead = unreachable(addresses)
                 where = (f"no answer from {', '.join(dead)}" if dead else
                          f"every address answers ({', '.join(addresses)}) but the workers did not all join")
-                print(f"{program}: error: the {cluster_size}-worker cluster did not form within "
-                      f"{seconds:g} s: {where}; start every worker with the same cluster, or raise "
-                      f"--worker_timeout", file=sys.stderr, flush=True)
+                message = (f"{program}: error: the {cluster_size}-worker cluster did not form within "
+                           f"{seconds:g} s: {where}; start every worker with the same cluster, or raise "
+                           f"--worker_timeout\n")
+                os.write(error_fd, message.encode())
                 os.kill(parent, signal.SIGKILL)
             os._exit(0)
         os.close(read_end)

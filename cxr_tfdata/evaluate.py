@@ -17,10 +17,12 @@ import os
 from typing import Any
 
 import numpy as np
+from absl import logging
 from sklearn import metrics as skm
 
-from cxr_tfdata import atomic, features, locking, model_io, outputs, tables
+from cxr_tfdata import atomic, dataset_info, features, locking, model_io, outputs, tables
 from cxr_tfdata import config as config_lib
+from cxr_tfdata.progress import Progress
 
 HEADLINE_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
 DEFAULT_THRESHOLD = 0.5
@@ -76,7 +78,8 @@ class SplitPredictions:
     probabilities: np.ndarray  # float32 in [0, 1]
 
 
-def predict_split(model, data_dir: str, split: str, image_size: int, batch_size: int) -> SplitPredictions:
+def predict_split(model, data_dir: str, split: str, image_size: int, batch_size: int,
+                  info: dataset_info.DatasetInfo | None = None) -> SplitPredictions:
     """Runs `model` over a split through the evaluation pipeline (fixed order, no augmentation)."""
     from cxr_tfdata import input_pipeline  # heavy import kept out of the metric helpers
 
@@ -84,10 +87,13 @@ def predict_split(model, data_dir: str, split: str, image_size: int, batch_size:
         data_dir=data_dir, image_size=image_size, cache="off", deterministic=True
     )
     dataset = input_pipeline.create_dataset(
-        data_config, split, batch_size=batch_size, training=False, with_metadata=True
+        data_config, split, batch_size=batch_size, training=False, with_metadata=True, info=info
     )
     filenames, patient_ids, labels, probabilities = [], [], [], []
+    info = info or dataset_info.load(data_dir)
+    progress = Progress(info.num_examples(split), f"evaluated split {split}")
     for images, batch_labels, metadata in dataset:
+        progress.advance(int(images.shape[0]))
         probabilities.append(np.asarray(model.predict_on_batch(images), np.float32).reshape(-1))
         labels.append(np.asarray(batch_labels).reshape(-1))
         filenames.extend(_decode_strings(metadata["filename"]))
@@ -296,7 +302,7 @@ def predictions_csv(predictions: SplitPredictions) -> str:
     return tables.csv_text(["filename", "patient_id", "label", "probability"], rows)
 
 
-def _check_inputs(config: EvaluateConfig) -> tuple[Any, int]:
+def _check_inputs(config: EvaluateConfig) -> tuple[Any, int, dataset_info.DatasetInfo]:
     """Loads the model and checks it against the dataset and the output folder, before any work."""
     inputs = {"--model": config.model_path, "--data_dir": config.data_dir}
     # The folder only receives files of fixed names, so it may hold the model it evaluates; none of
@@ -306,12 +312,12 @@ def _check_inputs(config: EvaluateConfig) -> tuple[Any, int]:
         outputs.check_apart("--output_dir", os.path.join(config.output_dir, name), inputs)
     model = model_io.load_model(config.model_path)
     image_size = model_io.model_image_size(model, config.model_path)
-    manifest = features.read_manifest(config.data_dir)
-    features.split_info(manifest, config.split, config.data_dir)
+    info = dataset_info.load(config.data_dir)
+    info.split(config.split)
     if config.threshold is None:
-        features.split_info(manifest, config.val_split, config.data_dir)
-    model_io.check_image_size(image_size, int(manifest["image_size"]), config.model_path, config.data_dir)
-    return model, image_size
+        info.split(config.val_split)
+    model_io.check_image_size(image_size, info.image_size, config.model_path, config.data_dir)
+    return model, image_size, info
 
 
 @contextlib.contextmanager
@@ -341,13 +347,17 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     from cxr_tfdata import plots
 
     config = dataclasses.replace(config, output_dir=outputs.canonical(config.output_dir))
-    model, image_size = _check_inputs(config)
+    model, image_size, info = _check_inputs(config)
+    how = (f"threshold {config.threshold} given" if config.threshold is not None else
+           f"operating threshold chosen on split {config.val_split} for recall {config.target_recall}")
+    logging.info("evaluating %s on split %s of %s (%d images; %s)", config.model_path, config.split,
+                 config.data_dir, info.num_examples(config.split), how)
     with claimed_output_dir(config) as folder:
-        predictions = predict_split(model, config.data_dir, config.split, image_size, config.batch_size)
+        predictions = predict_split(model, config.data_dir, config.split, image_size, config.batch_size, info)
         val_predictions = None
         if config.threshold is None:
             val_predictions = predict_split(
-                model, config.data_dir, config.val_split, image_size, config.batch_size
+                model, config.data_dir, config.val_split, image_size, config.batch_size, info
             )
         metrics = build_metrics(config, predictions, operating_point(config, val_predictions))
         atomic.write_text(os.path.join(folder, "predictions.csv"), predictions_csv(predictions))

@@ -26,6 +26,7 @@ import shutil
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 from cxr_tfdata import features, folder_swap, locking, model_io, outputs, predict
 from tfrecords_builder import imaging
@@ -272,6 +273,8 @@ def export(config: ExportConfig) -> str:
     model = model_io.load_model(config.model_path)
     image_size = model_io.model_image_size(model, config.model_path)
     predict.check_dataset_image_size(image_size, config.model_path, config.data_dir)
+    logging.info("exporting %s to %s (%d px, resize %s, records %s)", config.model_path, config.output_dir,
+                 image_size, config.resize, config.record_encoding)
     return export_saved_model(model, config.output_dir, config.overwrite, pad=config.resize == "pad",
                               jpeg_quality=config.records.round_trip_quality, model_path=config.model_path,
                               data_dir=config.data_dir)

@@ -9,22 +9,22 @@
 Batches hold raw pixel values (0..255) in `DataConfig.batch_dtype`; the model's `ToResNetInput` layer
 does the only preprocessing. Each shard's records are checked against the file size, so a truncated
 or corrupted shard fails with a `tf.errors.InvalidArgumentError` whose message names the shard
-(TensorFlow's own DataLossError gives only a byte offset). `find_corrupt_shards` names them from Python.
+(TensorFlow's own DataLossError gives only a byte offset); cxr-verify-tfrecords gives TensorFlow's
+reason for each bad shard.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
 
-import numpy as np
 import psutil
 import tensorflow as tf
+from absl import logging
 
-from cxr_tfdata import features
+from cxr_tfdata import dataset_info, features
 from cxr_tfdata.augment import augment_batch
 from cxr_tfdata.config import AugmentConfig, DataConfig
 
@@ -34,66 +34,6 @@ _RECORD_OVERHEAD_BYTES = 16
 # Shards read at once while training; more only adds memory on a machine with few cores.
 _MAX_PARALLEL_SHARDS = 8
 _READ_BUFFER_BYTES = 8 << 20
-
-
-class CorruptShardError(tf.errors.DataLossError):
-    """A TFRecord shard that is truncated or fails its CRC check; `path` names the file."""
-
-    def __init__(self, path: str, reason: str):
-        self.path = path
-        self.reason = reason
-        super().__init__(
-            None,
-            None,
-            f"TFRecord shard {path} is truncated or corrupted ({reason}); rebuild the dataset "
-            "with cxr-build-tfrecords",
-        )
-
-
-def split_num_examples(data_dir: str, split: str) -> int:
-    """Number of records in a split, from the dataset's manifest."""
-    manifest = features.read_manifest(data_dir)
-    return int(features.split_info(manifest, split, data_dir)["num_examples"])
-
-
-def class_weights_from_counts(class_counts: dict[str, int]) -> dict[int, float]:
-    """Keras class_weight for class counts by name, like scikit-learn's "balanced": n / (k * n_c)."""
-    unknown = sorted(set(class_counts) - set(features.CLASS_NAMES))
-    if unknown:
-        raise ValueError(f"unknown class names {unknown}; expected {list(features.CLASS_NAMES)}")
-    counts = [int(class_counts.get(name, 0)) for name in features.CLASS_NAMES]
-    empty = [name for name, count in zip(features.CLASS_NAMES, counts, strict=True) if count <= 0]
-    if empty:
-        raise ValueError(f"class weights need examples of every class; none of {empty}")
-    total = sum(counts)
-    return {index: total / (len(counts) * count) for index, count in enumerate(counts)}
-
-
-def find_corrupt_shards(data_dir: str, split: str) -> list[tuple[str, str]]:
-    """(path, reason) of every shard of a split that is missing, truncated or fails its CRCs.
-
-    A full read of each shard with CRC checks, shard by shard (about a second per GB). Call it when
-    training or evaluation stops on a `tf.errors.DataLossError` to name the bad file, or before a run.
-    """
-    manifest = features.read_manifest(data_dir)
-    corrupt = []
-    for path in features.shard_paths(data_dir, manifest, split):
-        if not tf.io.gfile.exists(path):
-            corrupt.append((path, "file not found"))
-            continue
-        try:
-            tf.data.TFRecordDataset(path).reduce(np.int64(0), lambda count, _: count + 1)
-        except tf.errors.DataLossError as e:
-            # TF's message ("...}} truncated record at N' failed with ...") lacks the file name.
-            corrupt.append((path, e.message.split("}}")[-1].split("[Op:")[0].strip()))
-    return corrupt
-
-
-def raise_for_corrupt_shards(data_dir: str, split: str) -> None:
-    """Raises CorruptShardError naming the first bad shard of a split; returns if all are sound."""
-    corrupt = find_corrupt_shards(data_dir, split)
-    if corrupt:
-        raise CorruptShardError(*corrupt[0])
 
 
 def _read_shard_checked(path: tf.Tensor, size: tf.Tensor, expected_records: tf.Tensor) -> tf.data.Dataset:
@@ -126,7 +66,7 @@ def _read_shard_checked(path: tf.Tensor, size: tf.Tensor, expected_records: tf.T
             "TFRecord shard ", path, " is truncated or corrupted: its readable records end at byte ",
             tf.strings.as_string(consumed), " of ", tf.strings.as_string(size), " after ",
             tf.strings.as_string(count), " records (dataset_info.json: ", tf.strings.as_string(expected_records),
-            "; find_corrupt_shards() gives TensorFlow's reason); rebuild the dataset with cxr-build-tfrecords",
+            "; cxr-verify-tfrecords gives TensorFlow's reason); rebuild the dataset with cxr-build-tfrecords",
         ])
         failed = tf.logical_and(is_end, tf.logical_not(whole))
         with tf.control_dependencies([tf.debugging.Assert(tf.logical_not(failed), [message])]):
@@ -157,31 +97,26 @@ def _tfds_shard_lengths(data_dir: str, split: str, paths: list[str]) -> list[int
     return counts
 
 
-def _checked_shard_files(data_dir: str, split: str, config: DataConfig) -> tuple[list[str], list[int]]:
-    """Shard paths of a split and their sizes, after checking the manifest matches the config."""
-    manifest = features.read_manifest(data_dir)
-    built_size = int(manifest["image_size"])
-    if built_size != config.image_size:
-        raise ValueError(
-            f"--image_size={config.image_size} but {data_dir} was built at {built_size}x{built_size} "
-            f"(manifest.json); pass --image_size={built_size} or rebuild with cxr-build-tfrecords"
-        )
-    if int(manifest.get("channels", 1)) != 1:
-        raise ValueError(f"{data_dir}: expected single-channel images, manifest says {manifest['channels']}")
-    paths = features.shard_paths(data_dir, manifest, split)
+def _checked_shard_files(info: dataset_info.DatasetInfo, split: str,
+                         config: DataConfig) -> tuple[list[str], list[int]]:
+    """Shard paths of a split and their sizes, after checking the dataset matches the config."""
+    info.require_image_size(config.image_size)
+    if int(info.manifest.get("channels", 1)) != 1:
+        raise ValueError(f"{info.data_dir}: expected single-channel images, manifest says {info.manifest['channels']}")
+    paths = info.shard_paths(split)
     if not paths:
-        raise ValueError(f"split {split!r} of {data_dir} lists no shard files")
+        raise ValueError(f"split {split!r} of {info.data_dir} lists no shard files")
     sizes = []
     for path in paths:
-        if not tf.io.gfile.exists(path):
-            raise FileNotFoundError(f"shard {path} listed in {data_dir}/manifest.json does not exist")
-        sizes.append(int(tf.io.gfile.stat(path).length))
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"shard {path} listed in {info.data_dir}/manifest.json does not exist")
+        sizes.append(os.path.getsize(path))
     return paths, sizes
 
 
 def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-    """One serialized record -> the features of `features.PARSE_SPEC`."""
-    return tf.io.parse_single_example(serialized, features.PARSE_SPEC)
+    """One serialized record -> the features of `features.parse_spec()`."""
+    return tf.io.parse_single_example(serialized, features.parse_spec())
 
 
 def decode_image(encoded: tf.Tensor, filename: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -211,11 +146,6 @@ def _decoded_examples(records: tf.data.Dataset, image_size: int, with_metadata: 
         return image, ex[features.LABEL]
 
     return parsed.map(decode, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-
-
-def records_per_pipeline(num_records: int, num_pipelines: int, pipeline_id: int) -> int:
-    """How many records an evaluation pipeline reads (every num_pipelines-th, from pipeline_id)."""
-    return len(range(pipeline_id, num_records, num_pipelines))
 
 
 def _remove_stale_cache_lock(prefix: str) -> None:
@@ -361,7 +291,8 @@ def _augment_examples_on_cpu(examples: tf.data.Dataset, augment: AugmentConfig,
 
 
 def served_examples(config: DataConfig, split: str, augment: AugmentConfig | None, job_name: str = "",
-                    with_metadata: bool = False, repeat: bool = True) -> tf.data.Dataset:
+                    with_metadata: bool = False, repeat: bool = True,
+                    info: dataset_info.DatasetInfo | None = None) -> tf.data.Dataset:
     """The train split's examples, read, decoded, shuffled and augmented on tf.data service workers.
 
     Processing mode "distributed_epoch" (ShardingPolicy.DYNAMIC): the dispatcher hands the shard
@@ -374,7 +305,7 @@ def served_examples(config: DataConfig, split: str, augment: AugmentConfig | Non
     of a pass. The decoded-image cache is not used here (it would pin each worker to the shards it
     saw first).
     """
-    paths, sizes = _checked_shard_files(config.data_dir, split, config)
+    paths, sizes = _checked_shard_files(info or dataset_info.load(config.data_dir), split, config)
     record_counts = _tfds_shard_lengths(config.data_dir, split, paths)
     records = _read_records(paths, sizes, record_counts, True, config, input_context=None)
     examples = _decoded_examples(records, config.image_size, with_metadata, config.deterministic)
@@ -399,6 +330,7 @@ def create_dataset(
     *,
     repeat: bool = False,
     service_job: str = "",
+    info: dataset_info.DatasetInfo | None = None,
 ) -> tf.data.Dataset:
     """Batches of (images, labels[, {"filename", "patient_id"}]) from a split built by cxr-build-tfrecords.
 
@@ -410,6 +342,7 @@ def create_dataset(
     `strategy.distribute_datasets_from_function`), `batch_size` is the per-replica batch.
     With `config.data_service`, training examples come from the tf.data service (`served_examples`;
     service_job names the job that the trainers of one run share) and are only batched here.
+    `info` is the dataset's manifest when the caller has read it already.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -417,11 +350,12 @@ def create_dataset(
         if config.balanced_sampling:
             raise ValueError("--balanced_sampling: not available with --data_service_address (the service "
                              "splits one stream of the split's files among its workers)")
-        examples = served_examples(config, split, augment, service_job, with_metadata, repeat)
+        examples = served_examples(config, split, augment, service_job, with_metadata, repeat, info)
         batches = examples.batch(batch_size, drop_remainder=True)
         # The service splits the data: no strategy may shard it again (as with an input context).
         return _finished(batches, config, with_metadata, config.deterministic, input_context, service=True)
-    paths, sizes = _checked_shard_files(config.data_dir, split, config)
+    info = info or dataset_info.load(config.data_dir)
+    paths, sizes = _checked_shard_files(info, split, config)
     record_counts = _tfds_shard_lengths(config.data_dir, split, paths)
     deterministic = config.deterministic or not training
     image_size = config.image_size
@@ -435,7 +369,7 @@ def create_dataset(
         return _cache(examples, config, _cache_name(config, split, sizes, tag))
 
     if training and config.balanced_sampling:
-        num_examples = split_num_examples(config.data_dir, split)
+        num_examples = info.num_examples(split)
         if input_context is not None:
             num_examples //= input_context.num_input_pipelines
         examples = _balanced_examples(make_examples, config, num_examples)

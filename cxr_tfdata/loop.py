@@ -141,9 +141,11 @@ class Loop:
         """One line: what each step computes in, and how."""
         policy = keras.config.dtype_policy().name
         scale = "dynamic loss scaling" if self.loss_scaled else "no loss scaling"
+        strategy = {"_DefaultDistributionStrategy": "one device", "CollectiveAllReduceStrategy":
+                    "MultiWorkerMirroredStrategy"}.get(type(self.strategy).__name__, type(self.strategy).__name__)
         return (f"dtype policy {policy}, {scale}, XLA {'on' if self.settings.jit_compile else 'off'} "
                 f"(per-replica step), {self.strategy.num_replicas_in_sync} replica(s) "
-                f"({type(self.strategy).__name__}), global batch {self.settings.global_batch}, "
+                f"({strategy}), global batch {self.settings.global_batch}, "
                 f"{self.settings.steps_per_loop} step(s) per host call")
 
     # Replica context -------------------------------------------------------------------------

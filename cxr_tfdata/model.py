@@ -16,12 +16,12 @@ the `training` flag of `fit`/`evaluate`, so its BN layers learn batch statistics
 
 from __future__ import annotations
 
-import logging
 import os
 import urllib.error
 import urllib.request
 
 import keras
+from absl import logging
 
 from cxr_tfdata.config import AugmentConfig, ModelConfig
 from cxr_tfdata.preprocessing import ToResNetInput
@@ -226,5 +226,5 @@ def transfer_weights(source: keras.Model, target: keras.Model) -> list[str]:
     missing = {BASE_NAME, OUTPUT_NAME} - set(copied)
     if missing:
         raise ValueError(f"source model has no layers {sorted(missing)} to start from")
-    logging.info("Copied weights of layers %s", copied)
+    logging.debug("Copied weights of layers %s", copied)
     return copied

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Iterator
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 # CPU feature flags (Linux /proc/cpuinfo) that make bfloat16 matrix math faster than float32.
 FAST_BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")

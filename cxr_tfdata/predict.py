@@ -16,9 +16,11 @@ import os
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 from PIL import Image
 
-from cxr_tfdata import atomic, features, locking, outputs, tables
+from cxr_tfdata import atomic, dataset_info, features, locking, outputs, tables
+from cxr_tfdata.progress import Progress
 from tfrecords_builder import imaging
 
 CSV_COLUMNS = ("path", "probability", "label", "error")
@@ -61,8 +63,8 @@ def record_settings(data_dir: str = "", *, resize: str | None = None, record_enc
     given = {"resize": resize, "record_encoding": record_encoding, "jpeg_quality": jpeg_quality}
     if not data_dir:
         return RecordSettings(**{name: value for name, value in given.items() if value is not None})
-    manifest = features.read_manifest(data_dir)
-    path = os.path.join(data_dir, features.MANIFEST_FILENAME)
+    manifest = dataset_info.load(data_dir).manifest
+    path = os.path.join(data_dir, dataset_info.MANIFEST_FILENAME)
     recorded = {name: (manifest.get("flags") or {}).get(build_name, manifest.get(build_name))
                 for name, build_name in _BUILD_FLAG_OF.items()}
     if recorded["record_encoding"] == "png" and recorded["jpeg_quality"] is None:
@@ -84,7 +86,7 @@ def check_dataset_image_size(model_image_size: int, model_path: str, data_dir: s
     from cxr_tfdata import model_io
 
     if data_dir:
-        data_size = int(features.read_manifest(data_dir)["image_size"])
+        data_size = dataset_info.load(data_dir).image_size
         model_io.check_image_size(model_image_size, data_size, model_path, data_dir)
 
 
@@ -195,6 +197,7 @@ def predict_rows(model: keras.Model, paths: list[str], image_size: int, pad: boo
     """One row per path: probability and class name at `threshold`, or the reason it failed."""
     rows = _read_rows(paths, image_size, pad, record_encoding, jpeg_quality, max_file_bytes)
     readable = [row for row in rows if row.pixels is not None]
+    progress = Progress(len(readable), "predicted")
     for start in range(0, len(readable), batch_size):
         batch = readable[start:start + batch_size]
         probabilities = np.asarray(
@@ -203,6 +206,7 @@ def predict_rows(model: keras.Model, paths: list[str], image_size: int, pad: boo
         for row, probability in zip(batch, probabilities.tolist(), strict=True):
             row.probability = probability
             row.label = features.CLASS_NAMES[int(probability >= threshold)]
+        progress.advance(len(batch))
     return rows
 
 
@@ -366,6 +370,8 @@ def _predict_locked(config: PredictConfig, stream: io.TextIOBase) -> list[Predic
     paths = collect_image_paths(config.paths)
     if not paths:
         raise ValueError(f"no image files found in {list(config.paths)}")
+    logging.info("predicting %d file(s) with %s at %d px (labels at threshold %g)", len(paths), config.model_path,
+                 image_size, config.threshold)
     rows = predict_rows(model, paths, image_size, config.resize == "pad", config.threshold,
                         config.batch_size, config.record_encoding, config.jpeg_quality,
                         int(config.max_file_mb * (1 << 20)))
@@ -373,6 +379,9 @@ def _predict_locked(config: PredictConfig, stream: io.TextIOBase) -> list[Predic
         write_gradcams(model, rows, config.gradcam_dir, config.batch_size)
     if config.output_csv:
         atomic.write_text(config.output_csv, rows_to_csv(rows))
+        failed = sum(1 for row in rows if row.error)
+        logging.info("wrote %s: %d row(s), %d of them not predicted (their reasons are in the error column)",
+                     config.output_csv, len(rows), failed)
     else:
         stream.write(rows_to_csv(rows))
     return rows

@@ -230,8 +230,8 @@ class StageRunner:
             atomic.write_json(self.paths.state, self.state)  # the commit point
             if improved:
                 os.replace(self.paths.pending_best_model(epoch), self.paths.best_model)
-                logging.info("Epoch %d: val_loss %.5f improved on %s, saved %s", epoch + 1, val_loss, best,
-                             self.paths.best_model)
+                logging.info("Stage %s epoch %d: new best val_loss %.5f, saved %s", self.stage.name, epoch + 1,
+                             val_loss, self.paths.best_model)
             if previous_checkpoint:
                 self._remove_checkpoint(previous_checkpoint)
         self._write_summaries(epoch, logs)

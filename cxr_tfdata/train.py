@@ -24,6 +24,7 @@ from absl import logging
 
 from cxr_tfdata import (
     atomic,
+    dataset_info,
     distribute,
     features,
     input_pipeline,
@@ -41,6 +42,19 @@ from cxr_tfdata.run_dir import stage_paths
 PROGRAM = "cxr-train"
 
 
+def class_weights_from_counts(class_counts: dict[str, int]) -> dict[int, float]:
+    """Loss weight per class index for class counts by name, like scikit-learn's "balanced": n / (k * n_c)."""
+    unknown = sorted(set(class_counts) - set(features.CLASS_NAMES))
+    if unknown:
+        raise ValueError(f"unknown class names {unknown}; expected {list(features.CLASS_NAMES)}")
+    counts = [int(class_counts.get(name, 0)) for name in features.CLASS_NAMES]
+    empty = [name for name, count in zip(features.CLASS_NAMES, counts, strict=True) if count <= 0]
+    if empty:
+        raise ValueError(f"class weights need examples of every class; none of {empty}")
+    total = sum(counts)
+    return {index: total / (len(counts) * count) for index, count in enumerate(counts)}
+
+
 def train_class_weights(config: TrainConfig, class_counts: dict[str, int]) -> dict[int, float] | None:
     """The loss weights that correct the train split's class imbalance, or None with balanced sampling.
 
@@ -51,7 +65,7 @@ def train_class_weights(config: TrainConfig, class_counts: dict[str, int]) -> di
         logging.info("Class imbalance corrected by balanced sampling (train counts %s); no class weights",
                      class_counts)
         return None
-    class_weights = input_pipeline.class_weights_from_counts(class_counts)
+    class_weights = class_weights_from_counts(class_counts)
     logging.info("Class imbalance corrected by class weights %s from train counts %s", class_weights,
                  class_counts)
     return class_weights
@@ -96,7 +110,7 @@ def _padded_eval_batches(dataset: tf.data.Dataset, batch_size: int, num_batches:
 
 
 def make_datasets(config: TrainConfig, stage: StageConfig, strategy: tf.distribute.Strategy,
-                  class_weights: dict[int, float] | None, num_val: int, service_job: str = ""):
+                  class_weights: dict[int, float] | None, info: dataset_info.DatasetInfo, service_job: str = ""):
     """(distributed train dataset repeating forever, distributed val dataset, val steps per replica).
 
     Train batches carry class weights (or ones); val batches are padded so that every replica runs
@@ -107,19 +121,20 @@ def make_datasets(config: TrainConfig, stage: StageConfig, strategy: tf.distribu
     pipelines = distribute.num_input_pipelines(strategy)
     replicas_per_pipeline = strategy.num_replicas_in_sync // pipelines
     # Every pipeline reads at most ceil(num_val / pipelines) val records, in batches of one replica's share.
+    num_val = info.num_examples("val")
     val_steps = math.ceil(math.ceil(num_val / pipelines) / (stage.batch_size * replicas_per_pipeline))
 
     def train_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
         per_replica = input_context.get_per_replica_batch_size(global_batch)
         dataset = input_pipeline.create_dataset(
             config.data, "train", per_replica, training=True, augment=augment,
-            input_context=input_context, repeat=True, service_job=service_job)
+            input_context=input_context, repeat=True, service_job=service_job, info=info)
         return _with_weights(dataset, class_weights)
 
     def val_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
         per_replica = input_context.get_per_replica_batch_size(global_batch)
         dataset = input_pipeline.create_dataset(config.data, "val", per_replica, training=False,
-                                                input_context=input_context)
+                                                input_context=input_context, info=info)
         return _padded_eval_batches(dataset, per_replica, val_steps * replicas_per_pipeline,
                                     config.data.image_size, tf.as_dtype(config.data.batch_dtype))
 
@@ -147,10 +162,11 @@ def _start_from_frozen_best(config: TrainConfig, model: keras.Model) -> None:
         )
     source = keras.saving.load_model(frozen_best, compile=False, safe_mode=True)
     model_lib.transfer_weights(source, model)
+    logging.info("Stage finetune starts from %s", frozen_best)
 
 
 def run_stage(config: TrainConfig, stage: StageConfig, placement: distribute.Placement,
-              class_weights: dict[int, float] | None, manifest: dict[str, Any],
+              class_weights: dict[int, float] | None, info: dataset_info.DatasetInfo,
               on_epoch_end: Callable[[str, int], None] | None = None) -> dict[str, Any]:
     """Trains one stage to completion (or resumes it) and returns its best model's val metrics."""
     strategy = placement.strategy
@@ -161,12 +177,11 @@ def run_stage(config: TrainConfig, stage: StageConfig, placement: distribute.Pla
     if state["completed"]:
         logging.info("Stage %s already completed in %s; not rerun", stage.name, config.model_dir)
         return run_dir.read_json(os.path.join(config.model_dir, run_dir.METRICS_FILE))[stage.name]
-    num_train, num_val = (int(manifest["splits"][split]["num_examples"]) for split in ("train", "val"))
-    steps = steps_per_epoch(config, stage, strategy.num_replicas_in_sync, num_train)
+    steps = steps_per_epoch(config, stage, strategy.num_replicas_in_sync, info.num_examples("train"))
     # Trainers of one run share one tf.data service job; a resumed run starts a new one.
     run_id = hashlib.sha1(config.model_dir.encode()).hexdigest()[:8]
     service_job = f"cxr-train-{run_id}-{stage.name}-{state['epochs_completed']}"
-    train, val, val_steps = make_datasets(config, stage, strategy, class_weights, num_val, service_job)
+    train, val, val_steps = make_datasets(config, stage, strategy, class_weights, info, service_job)
     global_batch = stage.batch_size * strategy.num_replicas_in_sync
     with strategy.scope():
         model = _stage_architecture(config, stage)
@@ -202,23 +217,18 @@ def _check_weights_before_data(config: TrainConfig) -> None:
         keras.backend.clear_session()
 
 
-def _check_dataset(config: TrainConfig) -> dict[str, Any]:
-    """The dataset's manifest, once its image size and splits are known to suit the run."""
-    manifest = features.read_manifest(config.data.data_dir)
-    if int(manifest["image_size"]) != config.data.image_size:
-        raise ValueError(
-            f"--image_size={config.data.image_size}: the dataset in {config.data.data_dir} holds "
-            f"{manifest['image_size']}x{manifest['image_size']} images; pass that size or rebuild the "
-            f"dataset with cxr-build-tfrecords --image_size={config.data.image_size}"
-        )
+def _check_dataset(config: TrainConfig) -> dataset_info.DatasetInfo:
+    """The dataset, read once, after its image size and splits are known to suit the run."""
+    info = dataset_info.load(config.data.data_dir)
+    info.require_image_size(config.data.image_size)
     for split in ("train", "val"):
-        features.split_info(manifest, split, config.data.data_dir)
-    return manifest
+        info.split(split)
+    return info
 
 
-def _check_batches_fit(config: TrainConfig, manifest: dict[str, Any], replicas: int) -> None:
+def _check_batches_fit(config: TrainConfig, info: dataset_info.DatasetInfo, replicas: int) -> None:
     """The batch size of every stage to run against the train split."""
-    num_train = int(manifest["splits"]["train"]["num_examples"])
+    num_train = info.num_examples("train")
     for name in config.stages:
         steps_per_epoch(config, config.frozen if name == "frozen" else config.finetune, replicas, num_train)
 
@@ -237,26 +247,28 @@ def train_and_evaluate(config: TrainConfig, overwrite: bool = False,
     placement = placement or distribute.choose_placement(config.distribution, config.jit_compile)
     config = dataclasses.replace(config, model_dir=outputs.canonical(config.model_dir))
     run_dir.check_model_dir(config)
-    manifest = _check_dataset(config)
+    info = _check_dataset(config)
+    logging.info("Training stage(s) %s on %s (train %d, val %d images at %d px) into %s", ", ".join(config.stages),
+                 config.data.data_dir, info.num_examples("train"), info.num_examples("val"), info.image_size,
+                 config.model_dir)
     # Both checks build throwaway models and clear Keras' session, which resets the precision policy.
     _check_weights_before_data(config)
     if "finetune" in config.stages and not config.model.train_base:
         model_lib.check_fine_tune_at(config.model.fine_tune_at)
     precision_lib.set_precision_policy(config.mixed_precision)
-    _check_batches_fit(config, manifest, placement.strategy.num_replicas_in_sync)
+    _check_batches_fit(config, info, placement.strategy.num_replicas_in_sync)
     with _model_dir_writer(config, placement):
         if placement.is_chief:
-            run_dir.prepare(config, features.manifest_fingerprint(manifest), overwrite=overwrite)
+            run_dir.prepare(config, info.fingerprint, overwrite=overwrite)
         placement.barrier("config.json written")
         keras.utils.set_random_seed(config.data.seed)
         if config.data.deterministic:
             tf.config.experimental.enable_op_determinism()
-        counts = features.split_info(manifest, "train", config.data.data_dir)["class_counts"]
-        class_weights = train_class_weights(config, counts)
+        class_weights = train_class_weights(config, info.class_counts("train"))
         results = {}
         for name in config.stages:
             stage = config.frozen if name == "frozen" else config.finetune
-            results[name] = run_stage(config, stage, placement, class_weights, manifest, on_epoch_end)
+            results[name] = run_stage(config, stage, placement, class_weights, info, on_epoch_end)
         if placement.is_chief:
             last_best = stage_paths(config.model_dir, config.stages[-1]).best_model
             atomic.copy_file(last_best, os.path.join(config.model_dir, run_dir.FINAL_MODEL_FILE))

@@ -1,5 +1,5 @@
 """`python -m tfrecords_builder`: the same binary as cxr-build-tfrecords."""
 
-from tfrecords_builder import main
+from tfrecords_builder.cli import build_tfrecords
 
-main.run()
+build_tfrecords.run()

@@ -11,7 +11,9 @@ dataset nor leaves a half-built one); on any error the staging folder is removed
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 import shutil
 import time
@@ -98,8 +100,10 @@ def _write_tfds(config: BuildConfig, the_plan: plan.Plan, hashes: dict[str, str 
         split_files=the_plan.splits, options=config.encode_options(), pool=pool,
         input_dir=config.input_dir, strict=config.strict, source_hashes=hashes,
         data_dir=os.path.join(staging, "tfds"))
-    builder.download_and_prepare(
-        download_config=writer.download_config(config.num_shards, config.target_shard_mb))
+    # tensorflow-datasets prints "Downloading and preparing dataset..." to stdout: not ours to show.
+    with contextlib.redirect_stdout(io.StringIO()):
+        builder.download_and_prepare(
+            download_config=writer.download_config(config.num_shards, config.target_shard_mb))
     _check_classes_present(builder.outcomes, config.input_dir)
     dataset_dir = os.path.join(staging, "dataset")
     shutil.move(os.fspath(builder.data_dir), dataset_dir)
@@ -164,6 +168,9 @@ def _build_locked(config: BuildConfig) -> dict:
             raise writer.BuildError(f"{entry.path}: {entry.reason} (--strict makes unusable files fatal)")
         logging.warning("skipping %s: %s", entry.path, entry.reason)
     staging = folder_swap.staging_path(output_dir)
+    logging.info("converting %d images from %s into %s (%d px, %s, %s, %d worker(s))",
+                 sum(len(files) for files in by_split.values()), input_dir, output_dir, config.image_size,
+                 config.resize, config.encoding, config.workers)
     tfds.disable_progress_bar()
     try:
         os.makedirs(staging)
@@ -179,6 +186,7 @@ def _build_locked(config: BuildConfig) -> dict:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log_split_losses(content["splits"])
-    logging.info("wrote %s: %s", output_dir, {s: v["num_examples"] for s, v in content["splits"].items()})
+    counts = ", ".join(f"{split} {entry['num_examples']}" for split, entry in content["splits"].items())
+    logging.info("wrote %s: %s images (manifest.json lists every file left out, and why)", output_dir, counts)
     return content
 

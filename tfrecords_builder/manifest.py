@@ -8,7 +8,7 @@ import json
 import os
 from typing import Any
 
-from cxr_tfdata import features
+from cxr_tfdata import dataset_info, features
 
 FORMAT_VERSION = 1
 RESIZE_METHODS = {
@@ -40,7 +40,7 @@ def _split_entry(split: str, builder, outcome, dataset_dir: str, num_dropped_lea
         "num_dropped_leaks": num_dropped_leaks,
         "num_shards": len(shard_files),
         "shard_files": shard_files,
-        # The bytes of each shard: what the dataset's fingerprint (features.manifest_fingerprint)
+        # The bytes of each shard: what the dataset's fingerprint (dataset_info.manifest_fingerprint)
         # and cxr-verify-tfrecords check, so two datasets with the same counts never pass as one.
         "shard_sha256": [_sha256(os.path.join(dataset_dir, f)) for f in shard_files],
     }
@@ -56,7 +56,7 @@ def _sha256(path: str) -> str:
 
 def make_manifest(config, the_plan, builder, strays: list[str], unusable, dataset_dir: str,
                   build_seconds: float) -> dict[str, Any]:
-    """The manifest of a finished build (layout: cxr_tfdata.features.read_manifest).
+    """The manifest of a finished build (layout: cxr_tfdata.dataset_info.read_manifest).
 
     unusable: scan.Unusable entries of class folders (links to folders, FIFOs, broken links).
     """
@@ -91,7 +91,7 @@ def make_manifest(config, the_plan, builder, strays: list[str], unusable, datase
 
 
 def write_manifest(dataset_dir: str, content: dict[str, Any]) -> str:
-    path = os.path.join(dataset_dir, features.MANIFEST_FILENAME)
+    path = os.path.join(dataset_dir, dataset_info.MANIFEST_FILENAME)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(content, f, indent=2, sort_keys=False)
         f.write("\n")

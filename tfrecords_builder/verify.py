@@ -10,7 +10,7 @@ import os
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from cxr_tfdata import features
+from cxr_tfdata import dataset_info, features
 
 
 class VerifyError(ValueError):
@@ -36,7 +36,7 @@ class VerifyReport:
 
 
 def _parse_and_decode(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    example = tf.io.parse_single_example(record, features.PARSE_SPEC)
+    example = tf.io.parse_single_example(record, features.parse_spec())
     # channels=0 keeps what is stored, so a 3-channel image shows up as a wrong shape.
     image = tf.io.decode_image(example[features.IMAGE], channels=0, expand_animations=False)
     return tf.shape(image), example[features.LABEL]
@@ -103,7 +103,7 @@ def verify_dataset(data_dir: str) -> VerifyReport:
     """Checks every shard of every split; problems are collected, each naming its shard or file."""
     report = VerifyReport(data_dir)
     try:
-        manifest = features.read_manifest(data_dir)
+        manifest = dataset_info.read_manifest(data_dir)
     except (FileNotFoundError, ValueError) as e:
         report.errors.append(str(e))
         return report
@@ -115,7 +115,7 @@ def verify_dataset(data_dir: str) -> VerifyReport:
             report.errors.append(f"split {split}: dataset_info.json counts {sum(lengths[split])}, "
                                  f"manifest says {entry['num_examples']}")
         try:
-            paths = features.shard_paths(data_dir, manifest, split)
+            paths = dataset_info.shard_paths(data_dir, manifest, split)
         except ValueError as e:  # a shard path leaving the dataset folder
             report.errors.append(str(e))
             continue

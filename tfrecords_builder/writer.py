@@ -14,8 +14,7 @@ import math
 import multiprocessing
 import os
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -25,11 +24,11 @@ from tensorflow_datasets.core import utils as tfds_utils
 from tensorflow_datasets.core.utils import shard_utils
 
 from cxr_tfdata import features
+from cxr_tfdata.progress import Progress
 from tfrecords_builder import imaging, worker
 from tfrecords_builder.scan import SourceFile
 
 DATASET_NAME = "cxr_tfrecords"
-_PROGRESS_SECONDS = 5.0
 # Auto sharding: at least this many shards per split (when it has that many images) so that
 # readers can interleave files in parallel.
 MIN_AUTO_SHARDS = 4
@@ -62,30 +61,6 @@ def download_config(num_shards: int, target_shard_mb: float) -> tfds.download.Do
     """num_shards > 0 fixes the shards per split; 0 derives them from target_shard_mb."""
     return _ShardingDownloadConfig(num_shards=num_shards or None,
                                    target_shard_bytes=max(1, int(target_shard_mb * (1 << 20))))
-
-
-class Progress:
-    """Throttled progress line: images done, images/s, ETA."""
-
-    def __init__(self, total: int, label: str, clock: Callable[[], float] = time.monotonic):
-        self.total, self.label, self._clock = total, label, clock
-        self.done = 0
-        self.start = self._last = clock()
-
-    def advance(self, count: int = 1) -> None:
-        self.done += count
-        now = self._clock()
-        if now - self._last >= _PROGRESS_SECONDS or self.done == self.total:
-            self._last = now
-            logging.info("%s", self.line(now))
-
-    def line(self, now: float | None = None) -> str:
-        elapsed = max(1e-9, (now if now is not None else self._clock()) - self.start)
-        rate = self.done / elapsed
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
-        return (f"{self.label}: {self.done}/{self.total} images ({100 * self.done / max(1, self.total):.0f}%), "
-                f"{rate:.1f} images/s, ETA {eta_text}")
 
 
 def _worker_signals() -> None:

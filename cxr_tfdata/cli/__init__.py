@@ -2,7 +2,9 @@
 
 Every binary runs through `run_main`: a failure of any kind ends the run with one line on stderr,
 `<program>: error: <what is wrong, naming the file or flag>`, and exit status 1 (2 for a usage
-error). The traceback is kept for debugging: set CXR_DEBUG=1 or pass --verbosity=1.
+error). The traceback is kept for debugging: set CXR_DEBUG=1 or pass --verbosity=1. What else a
+binary prints is its own lines only (output.py). Entry modules import TensorFlow inside `main`,
+so --help and flag errors come at once.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import sys
 from collections.abc import Callable
 
 from absl import app, flags
+
+from cxr_tfdata.cli import output
 
 DEBUG_ENVIRONMENT_VARIABLE = "CXR_DEBUG"
 # What a failed system call means to a user, by errno.
@@ -103,6 +107,7 @@ def _flags_parser(program: str) -> Callable:
 def _guarded(main: Callable, program: str) -> Callable:
     def guarded(argv):
         signal.signal(signal.SIGTERM, _terminate)
+        output.configure_logging(program, debugging())
         try:
             return main(argv)
         except SystemExit:
@@ -130,6 +135,7 @@ def run_main(main: Callable, module_name: str, program: str) -> None:
     absl's --help shows only the key flags of the script being run, and a console script's
     __main__ is a wrapper that defines none, so each binary registers its own module's flags.
     """
+    output.filter_library_noise()
     for flag in flags.FLAGS.get_flags_for_module(module_name):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     app.run(_guarded(main, program), flags_parser=_flags_parser(program))

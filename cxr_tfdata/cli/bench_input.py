@@ -90,7 +90,7 @@ def _time_batches(iterator, warmup_batches: int, num_batches: int, batch_size: i
 def measure_pipeline(settings: dict) -> dict:
     """Images/s of create_dataset in one configuration, after warm-up (and after the cache is filled)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from cxr_tfdata import input_pipeline
+    from cxr_tfdata import dataset_info, input_pipeline
     from cxr_tfdata.config import AugmentConfig, DataConfig
 
     placement, cache_on = parse_configuration(settings["name"])
@@ -107,7 +107,7 @@ def measure_pipeline(settings: dict) -> dict:
     warmup = settings["warmup_batches"]
     if cache_on:
         # Steady state is every epoch after the first, which fills the cache.
-        num_examples = input_pipeline.split_num_examples(settings["data_dir"], settings["split"])
+        num_examples = dataset_info.load(settings["data_dir"]).num_examples(settings["split"])
         warmup += math.ceil(num_examples / settings["batch_size"])
     rate = _time_batches(iterator, warmup, settings["num_batches"], settings["batch_size"])
     return {"images_per_second": rate, "peak_rss_mb": _peak_rss_mb()}
@@ -123,11 +123,11 @@ def split_source_files(data_dir: str, split: str, baseline_dir: str) -> list[tup
     """
     import tensorflow as tf
 
-    from cxr_tfdata import features
+    from cxr_tfdata import dataset_info, features
 
-    manifest = features.read_manifest(data_dir)
-    spec = {key: features.PARSE_SPEC[key] for key in (features.FILENAME, features.LABEL)}
-    records = tf.data.TFRecordDataset(features.shard_paths(data_dir, manifest, split))
+    info = dataset_info.load(data_dir)
+    spec = {key: features.parse_spec()[key] for key in (features.FILENAME, features.LABEL)}
+    records = tf.data.TFRecordDataset(info.shard_paths(split))
     roots = [os.path.join(baseline_dir, folder) for folder in (split, "train", "val", "test")] + [baseline_dir]
     found, missing = [], []
     for record in records.map(lambda r: tf.io.parse_single_example(r, spec)).as_numpy_iterator():
@@ -233,18 +233,18 @@ def is_benchmark_json(path: str) -> bool:
 def check_settings(configurations: list[str]) -> int:
     """Every flag checked before any measurement, so a bad one fails at once, naming it; returns
     the image size (the dataset's unless --image_size is given)."""
-    from cxr_tfdata import features, outputs
+    from cxr_tfdata import dataset_info, outputs
 
     for name in configurations:
         parse_configuration(name)
     if not configurations:
         raise ValueError("--configs: no configuration given")
-    manifest = features.read_manifest(_DATA_DIR.value)
-    num_examples = int(features.split_info(manifest, _SPLIT.value, _DATA_DIR.value)["num_examples"])
+    info = dataset_info.load(_DATA_DIR.value)
+    num_examples = info.num_examples(_SPLIT.value)
     if num_examples < _BATCH_SIZE.value:
         raise ValueError(f"--batch_size={_BATCH_SIZE.value} is more than the {num_examples} examples of split "
                          f"{_SPLIT.value!r}")
-    built = int(manifest["image_size"])
+    built = info.image_size
     if _IMAGE_SIZE.value is not None and _IMAGE_SIZE.value != built:
         raise ValueError(f"--image_size={_IMAGE_SIZE.value}: {_DATA_DIR.value} was built at {built}x{built}")
     if _BASELINE_DIR.value and not os.path.isdir(_BASELINE_DIR.value):

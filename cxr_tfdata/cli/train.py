@@ -8,7 +8,7 @@ from absl import app, flags, logging
 
 from cxr_tfdata import config as config_lib
 from cxr_tfdata import distribute
-from cxr_tfdata.cli import run_main
+from cxr_tfdata.cli import output, run_main
 
 _FROZEN = config_lib.StageConfig()
 _FINETUNE = config_lib.default_finetune_stage()
@@ -118,9 +118,9 @@ def _stage_config(name: str, batch_size, epochs, learning_rate, decay, es_patien
 
 
 def _dataset_image_size(data_dir: str) -> int:
-    from cxr_tfdata import features
+    from cxr_tfdata import dataset_info
 
-    return int(features.read_manifest(data_dir)["image_size"])
+    return dataset_info.load(data_dir).image_size
 
 
 def config_from_flags() -> config_lib.TrainConfig:
@@ -172,7 +172,8 @@ def main(argv):
     from cxr_tfdata import train
 
     metrics = train.train_and_evaluate(config, overwrite=_OVERWRITE.value, placement=placement)
-    logging.info("Done: %s", config.model_dir)
+    logging.info("Done: final.keras, the best model of each stage, metrics.json, the histories and TensorBoard "
+                 "logs are in %s", config.model_dir)
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
 
@@ -185,7 +186,10 @@ def _multi_worker_watchdog(distribution: str):
         if not _WORKER_TIMEOUT.value > 0:
             raise ValueError(f"--worker_timeout: must be > 0 seconds, got {_WORKER_TIMEOUT.value}")
         others = [a for a in addresses if a != distribute.own_address(cluster)]
-        return distribute.Watchdog(_WORKER_TIMEOUT.value, others, "cxr-train", len(addresses))
+        # The worker's own stderr is a pipe its filter thread reads (cli/output.py): the watchdog
+        # writes past it, since it kills the worker and the thread with it.
+        return distribute.Watchdog(_WORKER_TIMEOUT.value, others, "cxr-train", len(addresses),
+                                   error_fd=output.original_stderr_fd())
     return None
 
 

@@ -7,7 +7,7 @@ import sys
 from absl import app, flags, logging
 
 from cxr_tfdata.cli import run_main
-from tfrecords_builder import build, imaging, verify
+from tfrecords_builder import imaging
 
 _INPUT_DIR = flags.DEFINE_string("input_dir", None, "Folder with {train,test[,val]}/{NORMAL,PNEUMONIA}/*.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Dataset folder to create (TFDS dataset dir + manifest.json).")
@@ -50,6 +50,11 @@ flags.mark_flags_as_required(["input_dir", "output_dir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from tfrecords_builder import (  # TensorFlow loads here, after the flags are checked
+        build,
+        verify,
+    )
+
     config = build.BuildConfig(
         input_dir=_INPUT_DIR.value, output_dir=_OUTPUT_DIR.value, image_size=_IMAGE_SIZE.value,
         resize=_RESIZE.value, encoding=_ENCODING.value, jpeg_quality=_JPEG_QUALITY.value,

@@ -7,7 +7,6 @@ import sys
 from absl import app, flags, logging
 
 from cxr_tfdata.cli import run_main
-from tfrecords_builder import verify
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Dataset folder written by cxr-build-tfrecords.")
 flags.mark_flag_as_required("data_dir")
@@ -16,13 +15,14 @@ flags.mark_flag_as_required("data_dir")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from tfrecords_builder import verify  # TensorFlow loads here, after the flags are checked
+
     report = verify.verify_dataset(_DATA_DIR.value)
     if not report.ok:
         for problem in report.errors:
             print(f"cxr-verify-tfrecords: problem: {problem}", file=sys.stderr)
         raise verify.VerifyError(report.summary())
     logging.info("%s", report.summary())
-    print(report.summary())
 
 
 def run():
