@@ -94,12 +94,12 @@ def flip_labels(data_dir: Path, split: str, every: int) -> dict:
 
     import tensorflow as tf
 
-    from cxr_tfdata import features
+    from cxr_tfdata import dataset_info, features
 
-    manifest = features.read_manifest(str(data_dir))
+    manifest = dataset_info.read_manifest(str(data_dir))
     counts = dict.fromkeys(features.CLASS_NAMES, 0)
     position = 0
-    for path in features.shard_paths(str(data_dir), manifest, split):
+    for path in dataset_info.shard_paths(str(data_dir), manifest, split):
         records = list(tf.data.TFRecordDataset(path).as_numpy_iterator())
         with tf.io.TFRecordWriter(path) as writer:
             for serialized in records:
@@ -111,7 +111,7 @@ def flip_labels(data_dir: Path, split: str, every: int) -> dict:
                 writer.write(example.SerializeToString())
                 position += 1
     manifest["splits"][split]["class_counts"] = counts
-    (data_dir / features.MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2))
+    (data_dir / dataset_info.MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2))
     return manifest
 
 
@@ -119,13 +119,13 @@ def split_records(data_dir: Path, split: str) -> list[dict]:
     """The split's records in file order: encoded image bytes, label, filename, patient id."""
     import tensorflow as tf
 
-    from cxr_tfdata import features
+    from cxr_tfdata import dataset_info, features
 
-    manifest = features.read_manifest(str(data_dir))
+    manifest = dataset_info.read_manifest(str(data_dir))
     records = []
-    for path in features.shard_paths(str(data_dir), manifest, split):
+    for path in dataset_info.shard_paths(str(data_dir), manifest, split):
         for serialized in tf.data.TFRecordDataset(path).as_numpy_iterator():
-            parsed = tf.io.parse_single_example(serialized, features.PARSE_SPEC)
+            parsed = tf.io.parse_single_example(serialized, features.parse_spec())
             records.append({
                 "image": parsed[features.IMAGE].numpy(),
                 "label": int(parsed[features.LABEL].numpy()),
@@ -137,7 +137,7 @@ def split_records(data_dir: Path, split: str) -> list[dict]:
 
 def run_cli(module: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     """Runs an entry point in a fresh interpreter, as a user would."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=env, check=False,

@@ -1,9 +1,8 @@
-"""Test helpers: hand-made record datasets in the converter's layout, and the shared real data."""
+"""Test helpers: small datasets built by the real converter from labelled images, and the shared real data."""
 
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,64 +47,75 @@ def labelled_image(label: int, index: int, image_size: int) -> np.ndarray:
     return img[..., None]
 
 
+def patient_of(split: str, index: int) -> str:
+    """The patient id write_tiny_dataset gives the image of `index` in `split`: two images per patient."""
+    return f"{split.upper()}-IM-{index // 2:04d}"
+
+
+def source_name(split: str, index: int) -> str:
+    """The file name write_tiny_dataset gives the image of `index` in `split`."""
+    return f"{patient_of(split, index)}-{index % 2 + 1:04d}.png"
+
+
 def write_tiny_dataset(
     data_dir: Path,
     split_sizes: dict[str, Sequence[int]] | None = None,
     image_size: int = 32,
     num_shards: int = 2,
 ) -> dict:
-    """Writes hand-made PNG records and a manifest.json in the converter's layout.
+    """Builds a dataset of labelled images with the real converter (cxr-build-tfrecords); returns its manifest.
 
-    split_sizes maps a split to (num_normal, num_pneumonia). Each record's index is unique over the
-    whole dataset; patient ids are "p<index // 2>" so patients hold two images. Returns the manifest.
+    split_sizes maps a split to (num_normal, num_pneumonia). Each image's index is unique over the
+    whole dataset and written into its pixels (`labelled_image`); files are PNG at the target size,
+    stored losslessly, so records hold exactly those pixels. File names are
+    `<SPLIT>-IM-<index // 2>-<n>.png` (patient_of: two images per patient, no patient in two splits).
+    The converter needs train and test: a split not asked for is built with one image per class
+    (val is then absent unless asked for). data_dir must not exist or be empty.
     """
-    import tensorflow as tf
+    import shutil
+    import tempfile
 
-    split_sizes = split_sizes or {"train": (12, 20), "val": (4, 4), "test": (4, 4)}
+    from tfrecords_builder import build
+
+    split_sizes = dict(split_sizes or {"train": (12, 20), "val": (4, 4), "test": (4, 4)})
+    for required in ("train", "test"):
+        split_sizes.setdefault(required, (1, 1))
     data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    manifest = {
-        "format_version": 1,
-        "image_size": image_size,
-        "channels": 1,
-        "encoding": "png",
-        "class_names": list(features.CLASS_NAMES),
-        "splits": {},
-        "flags": {},
-        "skipped": [],
-        "duplicates": {"within_split": [], "across_splits": []},
-    }
-    index = 0
-    for split, (n_normal, n_pneumonia) in split_sizes.items():
-        records = []
-        for label, count in ((0, n_normal), (1, n_pneumonia)):
-            for _ in range(count):
-                name = f"{features.CLASS_NAMES[label]}/img{index:05d}.png"
-                records.append(
-                    features.serialize_example(
-                        encode_png(labelled_image(label, index, image_size)),
-                        label,
-                        filename=name,
-                        patient_id=f"p{index // 2}",
-                        original_height=image_size,
-                        original_width=image_size,
-                    )
-                )
-                index += 1
-        rng = np.random.default_rng(len(records))
-        records = [records[i] for i in rng.permutation(len(records))]
-        shard_files = []
-        for shard in range(num_shards):
-            rel = f"cxr-{split}.tfrecord-{shard:05d}-of-{num_shards:05d}"
-            with tf.io.TFRecordWriter(str(data_dir / rel)) as writer:
-                for record in records[shard::num_shards]:
-                    writer.write(record)
-            shard_files.append(rel)
-        manifest["splits"][split] = {
-            "num_examples": n_normal + n_pneumonia,
-            "class_counts": {"NORMAL": n_normal, "PNEUMONIA": n_pneumonia},
-            "num_patients": len({(i // 2) for i in range(index - n_normal - n_pneumonia, index)}),
-            "shard_files": shard_files,
-        }
-    (data_dir / features.MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2))
-    return manifest
+    if data_dir.is_dir() and not any(data_dir.iterdir()):
+        data_dir.rmdir()
+    sources = Path(tempfile.mkdtemp(prefix="cxr-sources-"))
+    try:
+        index = 0
+        for split in ("train", "val", "test"):
+            if split not in split_sizes:
+                continue
+            for label, count in enumerate(split_sizes[split]):
+                folder = sources / split / features.CLASS_NAMES[label]
+                folder.mkdir(parents=True, exist_ok=True)
+                for _ in range(count):
+                    (folder / source_name(split, index)).write_bytes(encode_png(labelled_image(label, index, image_size)))
+                    index += 1
+        config = build.BuildConfig(
+            input_dir=str(sources), output_dir=str(data_dir), image_size=image_size, encoding="png",
+            val_fraction=0.0, min_val_images=1, num_workers=1, num_shards=num_shards)
+        return build.build_dataset(config)
+    finally:
+        shutil.rmtree(sources, ignore_errors=True)
+
+
+# What libraries print that a binary must not pass on at the default verbosity.
+NOISE_MARKERS = (
+    "oneDNN custom operations", "Could not find cuda drivers", "failed call to cuInit", "absl::InitializeLog",
+    "Downloading and preparing dataset", "Done writing", "The default buffer size is",
+    "This TensorFlow binary is optimized", "Local rendezvous is aborting",
+)
+
+
+def assert_quiet(stderr: str, program: str, summary: str = "") -> None:
+    """stderr holds only the binary's own lines (each `<program>: ...`), no library noise, and `summary`."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    noise = [line for line in lines if any(marker in line for marker in NOISE_MARKERS)]
+    assert not noise, noise
+    foreign = [line for line in lines if not line.startswith(f"{program}:")]
+    assert not foreign, foreign
+    assert summary in stderr, stderr[-2000:]

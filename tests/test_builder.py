@@ -14,8 +14,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from cxr_tfdata import features, predict
-from tests.helpers import REPO_ROOT, SHARED_DATA, requires_shared_data
+from cxr_tfdata import dataset_info, features, predict
+from cxr_tfdata.progress import Progress
+from tests.helpers import REPO_ROOT, SHARED_DATA, assert_quiet, requires_shared_data
 from tfrecords_builder import build, sample, scan, worker, writer
 
 
@@ -73,7 +74,7 @@ def test_real_images_build_reads_back_through_tfds_with_exact_counts(tmp_path):
     assert not patients_by_split["val"] & patients_by_split["test"]
     assert manifest["duplicates"] == {"within_split": [], "across_splits": []}  # none in this folder
     raw = next(iter(tf.data.TFRecordDataset(str(tmp_path / "out" / manifest["splits"]["val"]["shard_files"][0]))))
-    parsed = tf.io.parse_single_example(raw, features.PARSE_SPEC)  # the schema readers use
+    parsed = tf.io.parse_single_example(raw, features.parse_spec())  # the schema readers use
     assert tf.io.decode_jpeg(parsed["image"]).shape == (64, 64, 1)
 
 
@@ -200,7 +201,7 @@ def test_pad_and_seed_are_recorded_and_carve_out_is_seeded(images, tmp_path):
 
 
 def _run_binary(*args):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env = dict(os.environ)
     return subprocess.run([sys.executable, "-m", "tfrecords_builder", *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=180)
 
@@ -216,8 +217,9 @@ def test_binary_builds_and_verifies(images, tmp_path):
     result = _run_binary(f"--input_dir={images}", f"--output_dir={tmp_path / 'out'}", "--image_size=32",
                          "--num_workers=2", "--verify")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "OK" in result.stderr
-    assert features.read_manifest(str(tmp_path / "out"))["flags"]["num_workers"] == 2
+    assert_quiet(result.stderr, "cxr-build-tfrecords", f"cxr-build-tfrecords: wrote {tmp_path / 'out'}: train ")
+    assert "OK" in result.stderr and "converted: 40/40 images (100%)" in result.stderr
+    assert dataset_info.read_manifest(str(tmp_path / "out"))["flags"]["num_workers"] == 2
 
 
 def test_interrupted_build_leaves_nothing_behind(images, tmp_path, monkeypatch):
@@ -252,7 +254,7 @@ def test_a_file_that_changes_during_the_build_is_skipped(images, tmp_path, monke
 
 def test_progress_line_reports_rate_and_eta():
     now = [100.0]
-    progress = writer.Progress(total=10, label="converted", clock=lambda: now[0])
+    progress = Progress(total=10, label="converted", clock=lambda: now[0])
     now[0] = 102.0
     progress.advance(5)
     assert progress.line() == "converted: 5/10 images (50%), 2.5 images/s, ETA 00:00:02"

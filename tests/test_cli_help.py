@@ -5,13 +5,13 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, assert_quiet
 
 
 @pytest.mark.parametrize("binary, module, expected", [
-    ("cxr-build-tfrecords", "tfrecords_builder.main", ("--input_dir", "--output_dir", "--val_fraction")),
-    ("cxr-verify-tfrecords", "tfrecords_builder.verify_main", ("--data_dir",)),
-    ("cxr-make-sample", "tfrecords_builder.sample_main", ("--output_dir", "--num_images")),
+    ("cxr-build-tfrecords", "tfrecords_builder.cli.build_tfrecords", ("--input_dir", "--output_dir", "--val_fraction")),
+    ("cxr-verify-tfrecords", "tfrecords_builder.cli.verify_tfrecords", ("--data_dir",)),
+    ("cxr-make-sample", "tfrecords_builder.cli.make_sample", ("--output_dir", "--num_images")),
     ("cxr-bench-input", "cxr_tfdata.cli.bench_input", ("--data_dir", "--baseline_dir", "--json")),
     ("cxr-train", "cxr_tfdata.cli.train", ("--data_dir", "--model_dir", "--stage", "--fine_tune_at")),
     ("cxr-evaluate", "cxr_tfdata.cli.evaluate", ("--model", "--split", "--target_recall")),
@@ -24,3 +24,5 @@ def test_help_lists_the_binary_s_own_flags(binary, module, expected):
                             capture_output=True, text=True, timeout=120)
     for flag in expected:
         assert flag in result.stdout, (flag, result.stdout[-800:])
+    assert_quiet(result.stderr, binary)  # nothing at all on stderr
+    assert "tensorflow" not in result.stdout.lower()

@@ -25,7 +25,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_tfdata import features, locking, model_io, outputs, predict, run_dir, stages, tables
+from cxr_tfdata import (
+    dataset_info,
+    locking,
+    model_io,
+    outputs,
+    predict,
+    run_dir,
+    stages,
+    tables,
+)
 from tests import eval_fixtures
 from tests.helpers import REPO_ROOT, write_tiny_dataset
 from tfrecords_builder import build, imaging, sample, writer
@@ -62,7 +71,7 @@ def _user_home(path: Path) -> Path:
 
 
 def _run(module: str, *args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})}
     full_env.pop("CXR_DEBUG", None)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout, check=False)
@@ -273,7 +282,7 @@ def test_a_shard_path_leaving_the_dataset_folder_is_refused(tmp_path):
     manifest["splits"]["train"]["shard_files"] = ["../../../../etc/passwd"]
     (data_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="outside the dataset folder"):
-        features.shard_paths(str(data_dir), features.read_manifest(str(data_dir)), "train")
+        dataset_info.shard_paths(str(data_dir), dataset_info.read_manifest(str(data_dir)), "train")
     report = verify.verify_dataset(str(data_dir))
     assert any("outside the dataset folder" in error for error in report.errors)
 
@@ -315,7 +324,7 @@ def test_resume_on_a_rebuilt_dataset_is_refused_naming_both_fingerprints(records
 
     model_dir = tmp_path / "model"
     config = _train_config(records, model_dir)
-    started_on = features.manifest_fingerprint(features.read_manifest(str(records)))
+    started_on = dataset_info.manifest_fingerprint(dataset_info.read_manifest(str(records)))
     run_dir.prepare(config, started_on)
     state = run_dir.stage_paths(str(model_dir), "frozen").state
     Path(state).write_text(json.dumps({**stages.initial_state(config.frozen), "epochs_completed": 1}))
@@ -325,7 +334,7 @@ def test_resume_on_a_rebuilt_dataset_is_refused_naming_both_fingerprints(records
     with pytest.raises(run_dir.ConfigMismatchError) as refused:
         train.train_and_evaluate(config)
     message = str(refused.value)
-    now = features.manifest_fingerprint(features.read_manifest(str(records)))
+    now = dataset_info.manifest_fingerprint(dataset_info.read_manifest(str(records)))
     assert started_on[:23] in message and now[:23] in message and now != started_on
     assert f"--data_dir={records} does not hold the dataset" in message
     assert _tree(model_dir) == before
@@ -333,7 +342,7 @@ def test_resume_on_a_rebuilt_dataset_is_refused_naming_both_fingerprints(records
 
 def test_data_dir_spelled_differently_is_the_same_run(records, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    fingerprint = features.manifest_fingerprint(features.read_manifest(str(records)))
+    fingerprint = dataset_info.manifest_fingerprint(dataset_info.read_manifest(str(records)))
     for spelling in ("records", "./records/", str(records)):
         run_dir.prepare(_train_config(spelling, tmp_path / "model"), fingerprint)
         Path(run_dir.stage_paths(str(tmp_path / "model"), "frozen").state).write_text("{}")  # something to resume
@@ -848,7 +857,7 @@ def test_the_fingerprint_changes_when_the_images_do(images, tmp_path):
             image.transpose(Image.Transpose.ROTATE_90).save(path)
     second = build.build_dataset(_build_config(images, tmp_path / "b"))
     assert first["splits"]["train"]["num_examples"] == second["splits"]["train"]["num_examples"]
-    assert features.manifest_fingerprint(first) != features.manifest_fingerprint(second)
+    assert dataset_info.manifest_fingerprint(first) != dataset_info.manifest_fingerprint(second)
 
 
 @pytest.mark.parametrize("kind", ["fifo", "dev_zero", "folder", "zip_bomb"])
@@ -884,7 +893,7 @@ def test_a_shard_that_is_a_fifo_or_leads_outside_is_refused(tmp_path, kind):
         (tmp_path / "elsewhere").write_bytes(b"")
         shard.symlink_to(tmp_path / "elsewhere")
     with pytest.raises(ValueError, match="not a regular file|outside the dataset folder"):
-        features.shard_paths(str(data_dir), features.read_manifest(str(data_dir)), "train")
+        dataset_info.shard_paths(str(data_dir), dataset_info.read_manifest(str(data_dir)), "train")
 
 
 @pytest.mark.parametrize("content, fragment", [
@@ -897,7 +906,7 @@ def test_a_shard_that_is_a_fifo_or_leads_outside_is_refused(tmp_path, kind):
 def test_a_garbled_manifest_is_named_with_what_is_wrong(tmp_path, content, fragment):
     (tmp_path / "manifest.json").write_bytes(content)
     with pytest.raises(ValueError, match=fragment) as refused:
-        features.read_manifest(str(tmp_path))
+        dataset_info.read_manifest(str(tmp_path))
     assert str(tmp_path / "manifest.json") in str(refused.value)
 
 
@@ -924,20 +933,21 @@ def test_max_file_mb_must_be_finite():
 
 _SLOW_BUILD = textwrap.dedent("""
     import sys, time
-    from tfrecords_builder import imaging, main, worker
+    from tfrecords_builder import imaging
+    from tfrecords_builder.cli import build_tfrecords
     real = imaging.convert
     def slow(data, options):
         time.sleep(0.3)
         return real(data, options)
     imaging.convert = slow
     sys.argv = ["cxr-build-tfrecords", *sys.argv[1:]]
-    main.run()
+    build_tfrecords.run()
 """)
 
 
 def test_sigterm_during_a_build_cleans_up_like_ctrl_c(images, tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = dict(os.environ)
     process = subprocess.Popen([sys.executable, "-c", _SLOW_BUILD, f"--input_dir={images}", f"--output_dir={out}",
                                 "--image_size=32", "--num_workers=1"], cwd=REPO_ROOT, env=env,
                                stderr=subprocess.PIPE, text=True)

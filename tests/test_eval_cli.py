@@ -8,7 +8,7 @@ import json
 import pytest
 from PIL import Image
 
-from tests import eval_fixtures
+from tests import eval_fixtures, helpers
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +24,7 @@ def cli_evaluation(setup, tmp_path_factory):
         "--split=test", f"--output_dir={output_dir}", "--bootstrap_samples=100", "--batch_size=7",
     )
     assert result.returncode == 0, result.stderr
+    helpers.assert_quiet(result.stderr, "cxr-evaluate", "cxr-evaluate: evaluating ")
     return output_dir, result
 
 
@@ -100,7 +101,7 @@ def padded_dataset(tmp_path):
     """A tall bright image, and a dataset folder whose manifest says it was built with pad and PNG."""
     import numpy as np
 
-    from cxr_tfdata import features
+    from cxr_tfdata import dataset_info, features
     from tests import helpers
 
     pixels = np.clip(np.random.default_rng(5).normal(170, 25, (96, 24)), 40, 255).astype(np.uint8)
@@ -108,7 +109,7 @@ def padded_dataset(tmp_path):
     image.write_bytes(helpers.encode_png(pixels))
     data_dir = tmp_path / "records"
     data_dir.mkdir()
-    (data_dir / features.MANIFEST_FILENAME).write_text(json.dumps({
+    (data_dir / dataset_info.MANIFEST_FILENAME).write_text(json.dumps({
         "format_version": 1, "image_size": eval_fixtures.IMAGE_SIZE, "class_names": list(features.CLASS_NAMES),
         "splits": {}, "encoding": "png", "resize": "pad",
         "flags": {"image_size": eval_fixtures.IMAGE_SIZE, "resize": "pad", "encoding": "png", "jpeg_quality": 95},

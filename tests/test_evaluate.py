@@ -265,7 +265,7 @@ def test_threshold_override_needs_no_val_split(setup, tmp_path):
     assert metrics["operating_point"]["chosen_by"] == "--threshold"
     assert metrics["threshold"] == 0.5 and metrics["n"] == 8
     without_override = dataclasses.replace(config, threshold=None, output_dir=str(tmp_path / "out2"))
-    with pytest.raises(ValueError, match=r"'val'.*\['test'\]"):
+    with pytest.raises(ValueError, match=r"'val'.*\['test', 'train'\]"):
         evaluate.evaluate(without_override)
 
 

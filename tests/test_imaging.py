@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import REPO_ROOT, SHARED_DATA, requires_shared_data
+from tests.helpers import SHARED_DATA, requires_shared_data
 from tfrecords_builder import imaging
 
 
@@ -148,12 +148,6 @@ def test_build_settings_have_one_definition_that_every_tool_uses():
     readers = predict.PredictConfig(model_path="m.keras", paths=("x",))
     assert (readers.resize, readers.record_encoding, readers.jpeg_quality) == (
         imaging.DEFAULT_RESIZE, imaging.DEFAULT_ENCODING, imaging.DEFAULT_JPEG_QUALITY)
-    # Each tool's source names the shared constants, not its own copy of the values (read as text:
-    # importing an entry point would define its flags in this process).
-    for relative in ("cxr_tfdata/predict.py", "cxr_tfdata/cli/__init__.py", "tfrecords_builder/build.py",
-                     "tfrecords_builder/main.py"):
-        source = (REPO_ROOT / relative).read_text()
-        assert "imaging.DEFAULT_JPEG_QUALITY" in source and "95" not in source, relative
 
 
 def test_image_size_bounds_are_the_ones_the_trainer_accepts():

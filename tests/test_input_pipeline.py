@@ -6,15 +6,14 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from cxr_tfdata import features, input_pipeline
+from cxr_tfdata import dataset_info, features, input_pipeline
 from cxr_tfdata.config import AugmentConfig, DataConfig
 from cxr_tfdata.preprocessing import to_resnet_input
-from tests.helpers import labelled_image, write_tiny_dataset
+from tests.helpers import labelled_image, patient_of, write_tiny_dataset
 
 SIZE = 32
 CPU_AUGMENT = AugmentConfig(placement="cpu", rotation_range=10, zoom_range=0.1,
@@ -39,9 +38,9 @@ def _index(images: np.ndarray) -> np.ndarray:
 
 
 def _records_in_file_order(data_dir, split):
-    manifest = features.read_manifest(str(data_dir))
+    manifest = dataset_info.read_manifest(str(data_dir))
     parsed = [input_pipeline.parse_example(r) for r in
-              tf.data.TFRecordDataset(features.shard_paths(str(data_dir), manifest, split))]
+              tf.data.TFRecordDataset(dataset_info.shard_paths(str(data_dir), manifest, split))]
     return [(int(p["label"]), p["filename"].numpy().decode()) for p in parsed]
 
 
@@ -64,7 +63,7 @@ def test_eval_gives_exact_pixels_labels_and_metadata_in_file_order(dataset_dir):
     assert [(int(label), name) for label, name in zip(labels, filenames, strict=True)] == expected
     for image, label, index, patient in zip(images, labels, _index(images), patient_ids, strict=True):
         np.testing.assert_array_equal(image, labelled_image(int(label), index, SIZE))
-        assert patient == f"p{index // 2}"
+        assert patient == patient_of("val", index)
 
 
 @pytest.mark.parametrize("cache", ["memory", "file", "off"])
@@ -136,21 +135,8 @@ def test_balanced_sampling_draws_both_classes_about_equally(dataset_dir):
     np.testing.assert_array_equal(images[:, 0, 0, 0], 200 * labels.astype(np.uint8))
 
 
-def test_class_weights_follow_sklearn_balanced():
-    sklearn_utils = pytest.importorskip("sklearn.utils")
-    counts = {"NORMAL": 1136, "PNEUMONIA": 3274}
-    weights = input_pipeline.class_weights_from_counts(counts)
-    y = np.repeat([0, 1], [1136, 3274])
-    expected = sklearn_utils.class_weight.compute_class_weight("balanced", classes=np.array([0, 1]), y=y)
-    assert weights == pytest.approx({0: expected[0], 1: expected[1]})
-    with pytest.raises(ValueError, match="NORMAL"):
-        input_pipeline.class_weights_from_counts({"NORMAL": 0, "PNEUMONIA": 5})
-    with pytest.raises(ValueError, match="COVID"):
-        input_pipeline.class_weights_from_counts({"COVID": 3, "PNEUMONIA": 5})
-
-
-def test_split_num_examples_and_bad_requests(dataset_dir):
-    assert input_pipeline.split_num_examples(str(dataset_dir), "train") == 36
+def test_split_sizes_and_bad_requests(dataset_dir):
+    assert dataset_info.load(str(dataset_dir)).num_examples("train") == 36
     with pytest.raises(ValueError, match="available splits"):
         input_pipeline.create_dataset(_config(dataset_dir), "holdout", 4, training=False)
     with pytest.raises(ValueError, match="image_size"):
@@ -168,21 +154,56 @@ def test_input_contexts_split_the_records_between_pipelines(dataset_dir):
     assert len(seen[0] | seen[1]) == 36
 
 
-def test_mirrored_strategy_distributes_the_dataset(dataset_dir):
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
-    distributed = strategy.distribute_datasets_from_function(
-        lambda context: input_pipeline.create_dataset(
-            _config(dataset_dir), "train", context.get_per_replica_batch_size(8), training=True,
-            input_context=context)
-    )
-    images, labels = next(iter(distributed))
-    assert images.shape == (8, SIZE, SIZE, 1) and labels.shape == (8,)
+# Two replicas need two logical CPUs, which must be set before TensorFlow starts: a fresh process.
+_TWO_REPLICAS = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from cxr_tfdata import input_pipeline
+from cxr_tfdata.config import DataConfig
+config = DataConfig(data_dir=sys.argv[1], image_size=int(sys.argv[2]), shuffle_buffer=64)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+assert strategy.num_replicas_in_sync == 2
+distributed = strategy.distribute_datasets_from_function(
+    lambda context: input_pipeline.create_dataset(config, "train", context.get_per_replica_batch_size(12),
+                                                  training=True, input_context=context))
+seen = [[], []]
+iterator = iter(distributed)
+for _ in range(3):  # 36 train records: three global batches of 12 are one epoch
+    images, _ = next(iterator)
+    for replica, local in enumerate(strategy.experimental_local_results(images)):
+        local = local.numpy()
+        seen[replica] += (local[:, 0, 1, 0].astype(int) + 256 * local[:, 0, 2, 0].astype(int)).tolist()
+print(json.dumps(seen))
+"""
+
+
+def test_two_mirrored_replicas_see_disjoint_examples_that_make_up_the_split(dataset_dir):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO_ROOT
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-c", _TWO_REPLICAS, str(dataset_dir), str(SIZE)], cwd=REPO_ROOT,
+                            env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = (set(indices) for indices in json.loads(result.stdout.strip().splitlines()[-1]))
+    assert len(first) == len(second) == 18
+    assert not first & second
+    train_indices = set(_index(_epoch(input_pipeline.create_dataset(_config(dataset_dir), "train", 36,
+                                                                    training=False))[0]))
+    assert first | second == train_indices
 
 
 def _damaged_copy(dataset_dir, tmp_path, damage):
     copy = tmp_path / "damaged"
     shutil.copytree(dataset_dir, copy)
-    shard = copy / features.read_manifest(str(copy))["splits"]["train"]["shard_files"][1]
+    shard = copy / dataset_info.read_manifest(str(copy))["splits"]["train"]["shard_files"][1]
     data = bytearray(shard.read_bytes())
     shard.write_bytes(damage(data))
     return copy, str(shard)
@@ -205,22 +226,11 @@ def test_damaged_shard_fails_naming_the_shard(dataset_dir, tmp_path, damage, rea
     with pytest.raises(tf.errors.InvalidArgumentError, match="truncated or corrupted") as error:
         _epoch(dataset)
     assert shard in error.value.message
-    assert input_pipeline.find_corrupt_shards(str(data_dir), "train")[0][0] == shard
-    assert reason in input_pipeline.find_corrupt_shards(str(data_dir), "train")[0][1]
-    with pytest.raises(input_pipeline.CorruptShardError, match=shard):
-        input_pipeline.raise_for_corrupt_shards(str(data_dir), "train")
-    assert input_pipeline.find_corrupt_shards(str(dataset_dir), "train") == []
+    from tfrecords_builder import verify
 
-
-def test_keras_fit_on_a_damaged_shard_names_it(dataset_dir, tmp_path):
-    data_dir, shard = _damaged_copy(dataset_dir, tmp_path, _flip_a_byte)
-    dataset = input_pipeline.create_dataset(_config(data_dir), "train", 4, training=True)
-    inputs = keras.Input((SIZE, SIZE, 1), dtype="uint8")
-    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
-    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(pooled))
-    model.compile("sgd", "binary_crossentropy")
-    with pytest.raises(tf.errors.InvalidArgumentError, match=shard):
-        model.fit(dataset, epochs=1, verbose=0)
+    problems = verify.verify_dataset(str(data_dir)).errors
+    assert any(shard in problem and reason in problem for problem in problems), problems
+    assert verify.verify_dataset(str(dataset_dir)).ok
 
 
 def test_jpeg_records_decode_to_single_channel_images(tmp_path):
@@ -230,7 +240,7 @@ def test_jpeg_records_decode_to_single_channel_images(tmp_path):
     from PIL import Image
 
     write_tiny_dataset(tmp_path, image_size=SIZE, split_sizes={"val": (1, 1)}, num_shards=1)
-    manifest = json.loads((tmp_path / features.MANIFEST_FILENAME).read_text())
+    manifest = json.loads((tmp_path / dataset_info.MANIFEST_FILENAME).read_text())
     shard = tmp_path / manifest["splits"]["val"]["shard_files"][0]
     expected = [labelled_image(label, index, SIZE) for label, index in ((0, 0), (1, 1))]
     with tf.io.TFRecordWriter(str(shard)) as writer:
@@ -248,12 +258,12 @@ def test_record_of_another_size_than_the_manifest_fails_naming_the_file(tmp_path
     import json
 
     write_tiny_dataset(tmp_path, image_size=40, split_sizes={"val": (2, 2)})
-    manifest_path = tmp_path / features.MANIFEST_FILENAME
+    manifest_path = tmp_path / dataset_info.MANIFEST_FILENAME
     manifest = json.loads(manifest_path.read_text())
     manifest["image_size"] = SIZE
     manifest_path.write_text(json.dumps(manifest))
     dataset = input_pipeline.create_dataset(_config(tmp_path), "val", 2, training=False)
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"img000\d\d\.png.*holds an image of shape"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"VAL-IM-\d{4}-\d{4}\.png.*holds an image of shape"):
         _epoch(dataset)
 
 
@@ -282,7 +292,7 @@ def test_shard_cut_between_two_records_is_caught_by_the_recorded_shard_lengths(d
 
     copy = tmp_path / "cut"
     shutil.copytree(dataset_dir, copy)
-    shard_files = features.read_manifest(str(copy))["splits"]["train"]["shard_files"]
+    shard_files = dataset_info.read_manifest(str(copy))["splits"]["train"]["shard_files"]
     lengths = [sum(1 for _ in tf.data.TFRecordDataset(str(copy / name))) for name in shard_files]
     info = {"splits": [{"name": "train", "shardLengths": [str(n) for n in lengths]}]}
     (copy / "dataset_info.json").write_text(json.dumps(info))

@@ -1,4 +1,4 @@
-"""Tests of cxr_tfdata.model and cxr_tfdata.precision: layer sets per stage, dtypes, weights sources."""
+"""Tests of cxr_tfdata.model: layer sets per stage, dtypes, weights sources."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from cxr_tfdata import model as model_lib
-from cxr_tfdata import precision
 from cxr_tfdata.augment import RandomAffine
 from cxr_tfdata.config import AugmentConfig, ModelConfig
 
@@ -170,22 +169,6 @@ def test_weights_of_another_architecture_fail_naming_the_path(tmp_path):
     other.save_weights(str(path))
     with pytest.raises(model_lib.WeightsUnavailableError, match=f"--weights={path}"):
         model_lib.build_base(IMAGE_SIZE, ModelConfig(weights=str(path)))
-
-
-@pytest.mark.parametrize("flags_line, expected", [
-    ("flags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni", "mixed_bfloat16"),
-    ("flags\t\t: fpu sse2 amx_bf16 amx_tile", "mixed_bfloat16"),
-    ("flags\t\t: fpu sse2 avx2 avx512f", "float32"),
-])
-def test_auto_precision_on_a_cpu_follows_its_bfloat16_flags(tmp_path, flags_line, expected):
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text(f"processor\t: 0\n{flags_line}\n")
-    policy, reason = precision.choose_precision_policy("auto", cpuinfo_path=str(cpuinfo))
-    assert policy == expected and reason
-
-
-def test_explicit_precision_is_kept():
-    assert precision.choose_precision_policy("mixed_float16")[0] == "mixed_float16"
 
 
 def test_weights_from_a_keras_applications_style_h5_file(tmp_path):

@@ -168,14 +168,14 @@ def _dataset_manifest(folder, image_size=32, **build_flags) -> str:
     """A dataset folder holding only what --data_dir reads: manifest.json with the builder's flags."""
     import json
 
-    from cxr_tfdata import features
+    from cxr_tfdata import dataset_info, features
 
     folder.mkdir(parents=True, exist_ok=True)
     flags = {"image_size": image_size, "resize": "squash", "encoding": "jpeg", "jpeg_quality": 95, **build_flags}
     manifest = {"format_version": 1, "image_size": image_size, "channels": 1, "encoding": flags["encoding"],
                 "resize": flags["resize"], "class_names": list(features.CLASS_NAMES), "splits": {},
                 "flags": flags}
-    (folder / features.MANIFEST_FILENAME).write_text(json.dumps(manifest))
+    (folder / dataset_info.MANIFEST_FILENAME).write_text(json.dumps(manifest))
     return str(folder)
 
 

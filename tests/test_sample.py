@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, assert_quiet
 from tfrecords_builder import patients, sample
 
 
@@ -71,11 +71,12 @@ def test_classes_are_separable_at_low_resolution(written):
 def test_binary_writes_a_sample_and_refuses_a_non_empty_output_dir(tmp_path):
     def make_sample():
         return subprocess.run(
-            [sys.executable, "-m", "tfrecords_builder.sample_main", f"--output_dir={tmp_path / 'out'}",
+            [sys.executable, "-m", "tfrecords_builder.cli.make_sample", f"--output_dir={tmp_path / 'out'}",
              "--num_images=12", "--seed=4"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
 
     first = make_sample()
     assert first.returncode == 0, first.stderr
+    assert_quiet(first.stderr, "cxr-make-sample", f"wrote 12 images to {tmp_path / 'out'}")
     assert len(list((tmp_path / "out").glob("*/*/*.jpeg"))) == 12
     second = make_sample()
     assert second.returncode != 0 and "not empty" in second.stderr

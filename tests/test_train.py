@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cxr_tfdata import atomic, cli, input_pipeline, loop, run_dir, stages, train
+from cxr_tfdata import atomic, cli, dataset_info, input_pipeline, loop, run_dir, stages, train
 from cxr_tfdata.config import AugmentConfig, DataConfig, ModelConfig, StageConfig, TrainConfig
 from tests.helpers import write_tiny_dataset
 
@@ -116,8 +116,9 @@ def test_resume_continues_at_the_next_epoch_and_keeps_the_best_model(frozen_run)
     assert state["epochs_completed"] == 3 and state["completed"]
     best_before = interrupted["state"]["best_val_loss"]
     assert state["best_val_loss"] <= best_before
-    if state["best_epoch"] < 1:  # no improvement after the restart: the very same file
-        assert _digest(model_dir / "frozen_best.keras") == interrupted["best_digest"]
+    # The best model file was replaced exactly when an epoch after the restart beat the persisted best.
+    replaced = _digest(model_dir / "frozen_best.keras") != interrupted["best_digest"]
+    assert replaced == (state["best_epoch"] != interrupted["state"]["best_epoch"])
     val_losses = [float(row["val_loss"]) for row in _history(model_dir, "frozen")]
     assert state["best_val_loss"] == pytest.approx(min(val_losses))
     assert metrics["frozen"]["val_loss"] == pytest.approx(min(val_losses), rel=1e-3)
@@ -276,6 +277,19 @@ def test_image_size_other_than_the_datasets_names_the_flag(data_dir, tmp_path):
     assert not (tmp_path / "config.json").exists()
 
 
+def test_class_weights_follow_sklearn_balanced():
+    sklearn_utils = pytest.importorskip("sklearn.utils")
+    counts = {"NORMAL": 1136, "PNEUMONIA": 3274}
+    weights = train.class_weights_from_counts(counts)
+    y = np.repeat([0, 1], [1136, 3274])
+    expected = sklearn_utils.class_weight.compute_class_weight("balanced", classes=np.array([0, 1]), y=y)
+    assert weights == pytest.approx({0: expected[0], 1: expected[1]})
+    with pytest.raises(ValueError, match="NORMAL"):
+        train.class_weights_from_counts({"NORMAL": 0, "PNEUMONIA": 5})
+    with pytest.raises(ValueError, match="COVID"):
+        train.class_weights_from_counts({"COVID": 3, "PNEUMONIA": 5})
+
+
 def test_balanced_sampling_replaces_class_weights_instead_of_adding_to_them(data_dir, tmp_path, caplog):
     counts = {"NORMAL": 4, "PNEUMONIA": 12}
     weighted = _config(data_dir, tmp_path)
@@ -285,10 +299,11 @@ def test_balanced_sampling_replaces_class_weights_instead_of_adding_to_them(data
         assert train.train_class_weights(balanced, counts) is None
     assert "balanced sampling" in caplog.text
     strategy = tf.distribute.get_strategy()
-    train_batches, _, _ = train.make_datasets(balanced, balanced.frozen, strategy, None, num_val=8)
+    info = dataset_info.load(data_dir)
+    train_batches, _, _ = train.make_datasets(balanced, balanced.frozen, strategy, None, info)
     _, _, weights = next(iter(train_batches))
     np.testing.assert_array_equal(weights.numpy(), np.ones(8))  # balanced: every example counts once
-    train_batches, _, _ = train.make_datasets(weighted, weighted.frozen, strategy, {0: 2.0, 1: 0.5}, num_val=8)
+    train_batches, _, _ = train.make_datasets(weighted, weighted.frozen, strategy, {0: 2.0, 1: 0.5}, info)
     _, labels, weights = next(iter(train_batches))
     np.testing.assert_allclose(weights.numpy(), np.where(labels.numpy() == 1, 0.5, 2.0))
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.helpers import REPO_ROOT, write_tiny_dataset
+from tests.helpers import REPO_ROOT, assert_quiet, write_tiny_dataset
 
 IMAGE_SIZE = 32
 
@@ -29,7 +29,7 @@ _TWO_CPU_LAUNCHER = textwrap.dedent("""
 
 
 def _run(args, tmp_path, launcher=None, extra_env=None, timeout=600):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_HOME": str(tmp_path / "keras_home"),
+    env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras_home"),
            **(extra_env or {})}
     command = [sys.executable, "-c", launcher] if launcher else [sys.executable, "-m", "cxr_tfdata.cli.train"]
     return subprocess.run([*command, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
@@ -112,7 +112,7 @@ def test_killed_run_resumes_from_its_last_completed_epoch(data_dir, tmp_path):
     model_dir = tmp_path / "model"
     args = [f"--data_dir={data_dir}", f"--model_dir={model_dir}", "--weights=none", "--stage=frozen",
             "--frozen_epochs=3", "--frozen_batch_size=8", "--augment=none", "--mixed_precision=mixed_bfloat16"]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_HOME": str(tmp_path / "keras_home")}
+    env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras_home")}
     state_path = model_dir / "checkpoints" / "frozen_state.json"
     process = subprocess.Popen([sys.executable, "-m", "cxr_tfdata.cli.train", *args], cwd=REPO_ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -130,6 +130,7 @@ def test_killed_run_resumes_from_its_last_completed_epoch(data_dir, tmp_path):
     result = _run(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resuming stage frozen after epoch {committed['epochs_completed']}" in result.stderr
+    assert_quiet(result.stderr, "cxr-train", "cxr-train: Done: final.keras")
     state = json.loads(state_path.read_text())
     assert state["completed"] and [row["epoch"] for row in state["history"]] == [0, 1, 2]
     assert state["best_val_loss"] <= committed["best_val_loss"]

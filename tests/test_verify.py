@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, assert_quiet
 from tfrecords_builder import build, sample, verify
 
 
@@ -76,8 +76,9 @@ def test_binary_exits_nonzero_naming_the_shard(data_dir):
     # A subprocess, not flagsaver: importing several entry points into one test process would
     # define flags such as --data_dir twice.
     result = subprocess.run(
-        [sys.executable, "-m", "tfrecords_builder.verify_main", f"--data_dir={data_dir}"],
-        cwd=REPO_ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        [sys.executable, "-m", "tfrecords_builder.cli.verify_tfrecords", f"--data_dir={data_dir}"],
+        cwd=REPO_ROOT, env=dict(os.environ),
         capture_output=True, text=True, timeout=180)
-    assert result.returncode != 0
+    assert result.returncode == 1
     assert str(shard) in result.stderr
+    assert_quiet(result.stderr, "cxr-verify-tfrecords", "cxr-verify-tfrecords: error: ")
