@@ -235,8 +235,8 @@ def _augment_on_cpu(batches: tf.data.Dataset, augment: AugmentConfig, config: Da
     """Augments whole batches in parallel, with fresh (but seeded) transforms each epoch."""
     seeds = tf.data.Dataset.random(seed=config.seed, rerandomize_each_iteration=True).batch(2)
 
-    # Compiled with XLA, the gather resampler fuses into one loop: about five times the throughput
-    # of the ImageProjectiveTransformV3 kernel on this 2-core CPU, for the same result.
+    # Compiled with XLA, the gather resampler fuses into one loop: several times the throughput of
+    # the ImageProjectiveTransformV3 kernel on a CPU (BUILD_NOTES.md), for the same result.
     @tf.function(jit_compile=True)
     def augment_and_cast(images, seed):
         augmented = augment_batch(images, augment, seed, xla_compatible=True)
