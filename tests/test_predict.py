@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_tfdata import evaluate, model_io, predict
+from cxr_tfdata import evaluate, gradcam, model_io, predict
 from tests import eval_fixtures, helpers
 
 
@@ -119,17 +119,17 @@ def test_bad_files_reported_and_rest_go_on(setup, tmp_path):
 
 
 def test_gradcam_on_nested_base(setup, model, tmp_path):
-    layer = predict.find_gradcam_layer(model)
+    layer = gradcam.find_gradcam_layer(model)
     assert layer.name == "tiny_base"  # the nested base's 4-D output, not a preprocessing layer
     images = np.stack([helpers.labelled_image(label, i, 32) for i, label in enumerate((0, 1, 1))])
-    heatmaps = predict.gradcam_heatmaps(model, images)
+    heatmaps = gradcam.gradcam_heatmaps(model, images)
     assert heatmaps.shape == (3, 32, 32)
     assert heatmaps.min() >= 0.0 and heatmaps.max() <= 1.0
     assert heatmaps[1].max() == pytest.approx(1.0)
     rows = [predict.PredictionRow(path=f"/x/img{i}.png", pixels=image) for i, image in enumerate(images)]
     rows.append(predict.PredictionRow(path="/y/img0.png", pixels=images[0]))
     rows.append(predict.PredictionRow(path="/y/bad.png", error="corrupt"))
-    written = predict.write_gradcams(model, rows, str(tmp_path / "cams"), batch_size=2)
+    written = gradcam.write_gradcams(model, rows, str(tmp_path / "cams"), batch_size=2)
     assert sorted(p.rsplit("/", 1)[1] for p in written) == [
         "img0_gradcam.png", "img0_gradcam_1.png", "img1_gradcam.png", "img2_gradcam.png"]
     with Image.open(written[0]) as overlay:
@@ -138,8 +138,8 @@ def test_gradcam_on_nested_base(setup, model, tmp_path):
 
 def test_gradcam_searches_inside_a_pooled_base():
     pooled = eval_fixtures.tiny_model(pooled_base=True)
-    assert predict.find_gradcam_layer(pooled).name == "conv2"
-    heatmaps = predict.gradcam_heatmaps(pooled, np.stack([helpers.labelled_image(1, 3, 32)]))
+    assert gradcam.find_gradcam_layer(pooled).name == "conv2"
+    heatmaps = gradcam.gradcam_heatmaps(pooled, np.stack([helpers.labelled_image(1, 3, 32)]))
     assert heatmaps.shape == (1, 32, 32) and np.isfinite(heatmaps).all()
     # The temporary capture is undone: the layer's call is the class method again.
     assert "call" not in vars(pooled.get_layer("tiny_base").get_layer("conv2"))
@@ -152,8 +152,8 @@ def test_gradcam_on_flat_model():
     x = keras.layers.Conv2D(4, 3, activation="relu", name="only_conv")(inputs)
     x = keras.layers.GlobalAveragePooling2D()(x)
     flat = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(x))
-    assert predict.find_gradcam_layer(flat).name == "only_conv"
-    heatmaps = predict.gradcam_heatmaps(flat, np.stack([helpers.labelled_image(0, 1, 32)]))
+    assert gradcam.find_gradcam_layer(flat).name == "only_conv"
+    heatmaps = gradcam.gradcam_heatmaps(flat, np.stack([helpers.labelled_image(0, 1, 32)]))
     assert heatmaps.shape == (1, 32, 32)
 
 
