@@ -35,8 +35,29 @@ _OUR_PACKAGES = (f"{os.sep}cxr_tfdata{os.sep}", f"{os.sep}tfrecords_builder{os.s
 _state = {"original_fd": None, "passthrough": False, "thread": None}
 
 
+_LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:[\d.]+ +\d+ [\w.]+:\d+\] ")
+
+
 def is_noise(line: str) -> bool:
     return any(pattern.search(line) for pattern in _NOISE)
+
+
+class _Lines:
+    """Decides line by line; the continuation lines of a dropped message (a configuration TensorFlow
+    prints over several lines) go with it, until a line that starts a message of its own."""
+
+    def __init__(self):
+        self.in_dropped_message = False
+
+    def keep(self, line: str) -> bool:
+        if _state["passthrough"]:
+            return True
+        starts_message = (_LOG_LINE.match(line) or line.startswith(("cxr-", "Traceback"))
+                          or "Error" in line or "Warning" in line)
+        if self.in_dropped_message and not starts_message:
+            return False
+        self.in_dropped_message = is_noise(line)
+        return not self.in_dropped_message
 
 
 def original_stderr_fd() -> int:
@@ -45,18 +66,18 @@ def original_stderr_fd() -> int:
 
 
 def _forward(read_fd: int, original_fd: int) -> None:
-    buffered = b""
+    buffered, lines = b"", _Lines()
     with os.fdopen(read_fd, "rb", buffering=0) as pipe:
         while True:
             chunk = pipe.read(65536)
             if not chunk:
                 break
             buffered += chunk
-            *lines, buffered = buffered.split(b"\n")
-            for line in lines:
-                if _state["passthrough"] or not is_noise(line.decode("utf-8", errors="replace")):
+            *complete, buffered = buffered.split(b"\n")
+            for line in complete:
+                if lines.keep(line.decode("utf-8", errors="replace")):
                     os.write(original_fd, line + b"\n")
-    if buffered and (_state["passthrough"] or not is_noise(buffered.decode("utf-8", errors="replace"))):
+    if buffered and lines.keep(buffered.decode("utf-8", errors="replace")):
         os.write(original_fd, buffered)
 
 
