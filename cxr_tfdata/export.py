@@ -8,11 +8,10 @@ formats, corrupt headers and images announcing more than imaging.MAX_IMAGE_PIXEL
 refused there (a decompression bomb is never decoded). The rest are decoded in a tf.data pipeline
 that drops undecodable images (`ignore_errors`), and the survivors are scattered back to their
 rows; a decoded image that is near-constant (damaged scan data behind an intact header decodes to
-flat grey) is refused too. In the graph each image is decoded to one channel,
-resized to the model's size with antialiased bilinear filtering (what the converter's PIL resize
-does, approximately) -- squashed to a square, or with resize="pad" letterboxed on black with the
-converter's geometry -- and rounded to integer pixel values in [0, 255], as the converter stores
-them; with record_encoding="jpeg" they then go through the records' JPEG round trip (as cxr-predict
+flat grey) is refused too. In the graph each image is decoded to one channel as the converter
+decodes it (a JPEG at the converter's reduced DCT scale), resized to the model's size with PIL's
+bilinear arithmetic -- squashed to a square, or with resize="pad" letterboxed on black with the
+converter's geometry -- so its pixels are the converter's (benchmarks/serving_parity.py); with record_encoding="jpeg" they then go through the records' JPEG round trip (as cxr-predict
 does). The model itself then applies the ResNet scaling. Export with the settings the training
 records were built with (cxr-export --data_dir reads them from the dataset's manifest.json).
 """
@@ -68,9 +67,73 @@ class ExportConfig:
         return predict.RecordSettings(self.resize, self.record_encoding, self.jpeg_quality)
 
 
+_PRECISION_BITS = 22  # PIL's fixed-point precision for 8-bit resampling (Resample.c)
+
+
+def _pil_bilinear_pass(image: tf.Tensor, out_size) -> tf.Tensor:
+    """One pass of PIL's 8-bit bilinear resample along the last axis of a float64 [rows, in] image.
+
+    PIL's arithmetic exactly: the triangle filter widened by the scale when shrinking, taps from
+    round(center - support) to round(center + support), weights normalised, turned into 22-bit
+    fixed point, summed from half a unit and truncated to 8 bits. So the serving graph resizes as
+    the converter does, to the grey level.
+    """
+    in_size = tf.shape(image)[-1]
+    in_float = tf.cast(in_size, tf.float64)
+    scale = in_float / tf.cast(out_size, tf.float64)
+    filter_scale = tf.maximum(scale, 1.0)
+    taps = 2 * tf.cast(tf.math.ceil(filter_scale), tf.int32) + 1
+    center = (tf.range(tf.cast(out_size, tf.float64)) + 0.5) * scale
+    first = tf.maximum(tf.floor(center - filter_scale + 0.5), 0.0)
+    last = tf.minimum(tf.floor(center + filter_scale + 0.5), in_float)
+    index = first[:, None] + tf.range(tf.cast(taps, tf.float64))[None, :]
+    weights = tf.where(index < last[:, None],
+                       tf.nn.relu(1.0 - tf.abs((index - center[:, None] + 0.5) / filter_scale)), 0.0)
+    total = tf.reduce_sum(weights, axis=1, keepdims=True)
+    weights = tf.where(total > 0, weights / tf.where(total > 0, total, 1.0), 0.0)
+    fixed = tf.floor(0.5 + weights * 2.0 ** _PRECISION_BITS)
+    gathered = tf.gather(image, tf.minimum(tf.cast(index, tf.int32), in_size - 1), axis=-1)
+    summed = tf.reduce_sum(gathered * fixed, axis=-1) + 2.0 ** (_PRECISION_BITS - 1)
+    return tf.clip_by_value(tf.floor(summed / 2.0 ** _PRECISION_BITS), 0.0, 255.0)
+
+
 def _resize_rounded(image: tf.Tensor, height, width) -> tf.Tensor:
-    resized = tf.image.resize(image, tf.stack([height, width]), method="bilinear", antialias=True)
-    return tf.clip_by_value(tf.round(resized), 0.0, 255.0)
+    """PIL's Image.resize(BILINEAR) of an 8-bit gray image in-graph: the horizontal pass, stored in
+    8 bits, then the vertical pass. [H, W, 1] -> float32 [height, width, 1] integer values."""
+    pixels = tf.cast(image[..., 0], tf.float64)
+    across = _pil_bilinear_pass(pixels, width)  # [H, width]
+    down = _pil_bilinear_pass(tf.transpose(across), height)  # [width, height]
+    return tf.cast(tf.transpose(down), tf.float32)[..., None]
+
+
+_DRAFT_SCALES = (1, 2, 4, 8)
+
+
+def _draft_scale_index(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Index in _DRAFT_SCALES of the scale a JPEG is decoded at by the converter (PIL's draft mode,
+    libjpeg's DCT scaling): the largest that keeps both sides >= image_size."""
+    height_width = tf.image.extract_jpeg_shape(encoded, output_type=tf.int32)
+    scale = tf.minimum(height_width[0] // image_size, height_width[1] // image_size)
+    return tf.reduce_sum(tf.cast(scale >= tf.constant(_DRAFT_SCALES[1:]), tf.int32))
+
+
+def _decode_source(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+    """uint8 [H, W, 1] as the converter decodes: a JPEG's luma at its draft scale with libjpeg's
+    accurate integer DCT (PIL's default), other formats through decode_image."""
+
+    def jpeg_at(scale: int):
+        return lambda: tf.io.decode_jpeg(encoded, channels=1, ratio=scale, dct_method="INTEGER_ACCURATE")
+
+    def jpeg():
+        return tf.switch_case(_draft_scale_index(encoded, image_size), [jpeg_at(s) for s in _DRAFT_SCALES])
+
+    def other():
+        return tf.io.decode_image(encoded, channels=1, dtype=tf.uint8, expand_animations=False)
+
+    is_jpeg = tf.equal(tf.strings.substr(encoded, 0, len(_JPEG_MAGIC)), _JPEG_MAGIC)
+    image = tf.cond(is_jpeg, jpeg, other)
+    image.set_shape([None, None, 1])
+    return image
 
 
 def _letterbox(image: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -95,8 +158,7 @@ def decode_image_bytes(encoded: tf.Tensor, image_size: int, pad: bool = False,
 
     jpeg_quality: encode and decode the resized pixels as JPEG records at that quality are.
     """
-    image = tf.io.decode_image(encoded, channels=1, dtype=tf.uint8, expand_animations=False)
-    image.set_shape([None, None, 1])
+    image = _decode_source(encoded, image_size)
     pixels = _letterbox(image, image_size) if pad else _resize_rounded(image, image_size, image_size)
     if jpeg_quality is None:
         return pixels
