@@ -203,9 +203,12 @@ class TrainConfig:
     distribution: str = "auto"
     steps_per_epoch: int = 0
     steps_per_loop: int = 10  # training steps per host call (one tf.function call runs them all)
+    # When a stage ends, its best model stores the highest threshold reaching this recall on val.
+    target_recall: float = 0.95
 
     def __post_init__(self):
         _require(bool(self.model_dir), "model_dir", "is required")
+        _require(0.0 < self.target_recall <= 1.0, "target_recall", f"must be in (0, 1], got {self.target_recall}")
         _require(self.stage in STAGES, "stage", f"must be one of {STAGES}, got {self.stage!r}")
         _require(self.mixed_precision in PRECISION_POLICIES, "mixed_precision", f"must be one of {PRECISION_POLICIES}, got {self.mixed_precision!r}")
         _require(self.distribution in DISTRIBUTIONS, "distribution", f"must be one of {DISTRIBUTIONS}, got {self.distribution!r}")

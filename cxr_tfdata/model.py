@@ -126,15 +126,21 @@ def build_model(
     augment: AugmentConfig | None = None,
     head_batch_norm: bool = False,
     seed: int | None = None,
+    contract: dict | None = None,
 ) -> keras.Model:
     """[S, S, 1] raw pixels (0..255) -> pneumonia probability [N, 1] in float32.
 
-    Layers: RandomAffine (only when augment.placement == "device") -> ToResNetInput ->
+    Layers: ModelContract (with `contract`: the model's contract, see contract.py; an identity) ->
+    RandomAffine (only when augment.placement == "device") -> ToResNetInput ->
     ResNet50V2 -> GlobalAveragePooling2D -> [BatchNormalization, the finetune stage's head] ->
     Dropout -> Dense(1, sigmoid, float32 even under a mixed-precision policy).
     """
     inputs = keras.Input(shape=(image_size, image_size, 1), name="image")
     x = inputs
+    if contract is not None:
+        from cxr_tfdata.contract import LAYER_NAME, ModelContract
+
+        x = ModelContract(contract, name=LAYER_NAME)(x)
     if augment is not None and augment.placement == "device":
         x = _augmentation_layer(augment, seed)(x)
     x = ToResNetInput(name="to_resnet_input")(x)

@@ -12,7 +12,7 @@ import keras
 # Modules that register the package's custom layers with Keras; imported before any load so
 # `safe_mode=True` can resolve them by their registered names. Missing ones are simply skipped
 # (a model that does not use them loads without them).
-_LAYER_MODULES = ("cxr_tfdata.preprocessing", "cxr_tfdata.augment", "cxr_tfdata.model")
+_LAYER_MODULES = ("cxr_tfdata.preprocessing", "cxr_tfdata.augment", "cxr_tfdata.model", "cxr_tfdata.contract")
 
 
 # A .keras file is a zip archive; ResNet50V2's is about 100 MB unpacked and its members barely

@@ -277,15 +277,17 @@ class StageRunner:
 
     # End of stage --------------------------------------------------------------------------
 
-    def finish(self, val_dataset, val_steps: int, steps: int, seconds: float) -> dict[str, Any]:
-        """The best epoch's weights back in the model, their val metrics, the stage marked complete."""
+    def finish(self, val_dataset, val_steps: int, steps: int, seconds: float,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The best epoch's weights back in the model, their val metrics (and `extra`, e.g. the stored
+        operating threshold), the stage marked complete."""
         if self.best_weights is None:
             raise FileNotFoundError(f"{self.paths.best_model} not found: no epoch of stage {self.stage.name} "
                                     f"completed")
         self.model.set_weights(self.best_weights)
         metrics = {f"val_{key}": value for key, value in self.loop.evaluate(val_dataset, val_steps).items()}
         metrics.update(best_epoch=self.state["best_epoch"], epochs_run=self.state["epochs_completed"],
-                       steps_per_epoch=steps, seconds_this_run=round(seconds, 1))
+                       steps_per_epoch=steps, seconds_this_run=round(seconds, 1), **(extra or {}))
         # Every worker logs the digest of the weights it ends with: equal digests, equal models.
         logging.info("Stage %s done: best epoch %d, val_loss %.5f, weights %s", self.stage.name,
                      self.state["best_epoch"] + 1, metrics["val_loss"], weights_digest(self.best_weights))

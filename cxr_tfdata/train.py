@@ -32,8 +32,10 @@ from cxr_tfdata import (
     loop,
     outputs,
     run_dir,
+    sealing,
     stages,
 )
+from cxr_tfdata import contract as contract_lib
 from cxr_tfdata import model as model_lib
 from cxr_tfdata import precision as precision_lib
 from cxr_tfdata.config import StageConfig, TrainConfig
@@ -144,10 +146,10 @@ def make_datasets(config: TrainConfig, stage: StageConfig, strategy: tf.distribu
     return train, val, val_steps
 
 
-def _stage_architecture(config: TrainConfig, stage: StageConfig) -> keras.Model:
+def _stage_architecture(config: TrainConfig, stage: StageConfig, contract: dict | None = None) -> keras.Model:
     model = model_lib.build_model(
         config.data.image_size, config.model, config.augment,
-        head_batch_norm=stage.name == "finetune", seed=config.data.seed,
+        head_batch_norm=stage.name == "finetune", seed=config.data.seed, contract=contract,
     )
     model_lib.configure_trainable(model, stage.name, config.model)
     return model
@@ -193,9 +195,11 @@ def run_stage(config: TrainConfig, stage: StageConfig, placement: distribute.Pla
                           loop.StepSettings(global_batch, placement.jit_compile, config.steps_per_loop))
     # Saved models compute in float32: a file that kept the training policy would run evaluation,
     # prediction and export in bfloat16/float16 on every machine. Variables are float32 under
-    # either policy, so the weights copy over exactly.
+    # either policy, so the weights copy over exactly. Only saved models carry the contract.
+    new_contract = contract_lib.for_dataset(info.manifest, info.fingerprint,
+                                            run_dir.run_record(config, info.fingerprint), stage.name)
     with precision_lib.global_policy_scope("float32"):
-        export_model = _stage_architecture(config, stage)
+        export_model = _stage_architecture(config, stage, new_contract)
     runner = stages.StageRunner(stage, paths, model, optimizer, step_loop, export_model,
                                 stages.Cluster(placement.is_chief, placement.task_id), on_epoch_end)
     runner.resume(state)
@@ -203,7 +207,22 @@ def run_stage(config: TrainConfig, stage: StageConfig, placement: distribute.Pla
                  val_steps)
     started = time.monotonic()
     runner.run(iter(train), steps, val, val_steps, global_batch)
-    return runner.finish(val, val_steps, steps, time.monotonic() - started)
+    sealed = {}
+    if placement.is_chief and runner.best_weights is not None:
+        sealed = _seal_best_model(config, paths, export_model, runner.best_weights, info)
+    return runner.finish(val, val_steps, steps, time.monotonic() - started, extra=sealed)
+
+
+def _seal_best_model(config: TrainConfig, paths: run_dir.StagePaths, export_model: keras.Model,
+                     best_weights, info: dataset_info.DatasetInfo) -> dict[str, Any]:
+    """The stage's best model gains its operating threshold and temperature (fitted on val) and is
+    saved again, atomically, before the stage is marked complete: a run killed here redoes this."""
+    export_model.set_weights(best_weights)
+    values = sealing.seal(export_model, config.data.data_dir, info, config.target_recall)
+    if values:
+        atomic.write_with(paths.best_model, export_model.save, suffix=".keras")
+        logging.info("Stage %s: stored them in %s", paths.stage, paths.best_model)
+    return {key: values[key] for key in ("operating_threshold", "temperature") if key in values}
 
 
 def _check_weights_before_data(config: TrainConfig) -> None:

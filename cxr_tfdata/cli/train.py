@@ -84,6 +84,10 @@ _WORKER_TIMEOUT = flags.DEFINE_float(
     "Seconds a multi-worker run waits for every worker to join before it fails naming the ones that do not answer.")
 _STEPS_PER_LOOP = flags.DEFINE_integer(
     "steps_per_loop", 10, "Training steps per host call: more keeps an accelerator busier between Python calls.")
+_TARGET_RECALL = flags.DEFINE_float(
+    "target_recall", 0.95,
+    "When a stage ends, its best model stores the highest threshold whose val recall is at least this "
+    "(the label rule of cxr-predict and cxr-export), and a temperature fitted on val.")
 _DATA_SERVICE = flags.DEFINE_string(
     "data_service_address", "",
     "grpc://host:port of a tf.data service dispatcher (cxr-data-service): the train split is read, decoded "
@@ -153,6 +157,7 @@ def config_from_flags() -> config_lib.TrainConfig:
         stage=_STAGE.value, mixed_precision=_MIXED_PRECISION.value, jit_compile=_JIT_COMPILE.value,
         distribution=_DISTRIBUTION.value, steps_per_epoch=_STEPS_PER_EPOCH.value,
         steps_per_loop=_STEPS_PER_LOOP.value,
+        target_recall=_TARGET_RECALL.value,
     )
 
 

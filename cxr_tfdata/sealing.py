@@ -1,0 +1,66 @@
+"""The end of a training stage: the operating threshold and the temperature, fitted on val and
+written into the best model's contract (contract.py).
+
+`fit_on_val` is the rule, on val labels and probabilities (NumPy only):
+  * operating threshold: the highest threshold whose val recall is >= target_recall
+    (evaluate.choose_operating_threshold, the rule cxr-evaluate applies);
+  * temperature: the scalar T minimising val NLL of sigmoid(logit(p) / T) (calibration.py).
+`seal` runs the model over val and stores both, with the val figures that justify them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from cxr_tfdata import calibration, contract, dataset_info, evaluate
+
+EVAL_BATCH_SIZE = 32
+
+
+def fit_on_val(labels: np.ndarray, probabilities: np.ndarray, target_recall: float, split: str) -> dict[str, Any]:
+    """The contract entries fitted on one split's predictions (raises ValueError when that split
+    cannot determine them: no PNEUMONIA image, or a single class)."""
+    threshold = evaluate.choose_operating_threshold(labels, probabilities, target_recall)
+    at_threshold = evaluate.binary_metrics(labels, probabilities, threshold)
+    fit = calibration.fit_temperature(labels, probabilities)
+    calibrated = calibration.apply_temperature(probabilities, fit.temperature)
+    return {
+        "operating_threshold": threshold,
+        "target_recall": target_recall,
+        "threshold_chosen_on": split,
+        "threshold_val_metrics": {key: at_threshold[key] for key in ("recall", "specificity", "precision", "n")},
+        "temperature": fit.temperature,
+        "calibration": {
+            "method": "temperature scaling (one scalar dividing the logit, fitted by minimising NLL)",
+            "fitted_on": split,
+            "temperature_at_search_bound": fit.at_bound,
+            "ece_bins": calibration.ECE_BINS,
+            "raw": calibration.summary(labels, probabilities),
+            "calibrated": calibration.summary(labels, calibrated),
+        },
+    }
+
+
+def seal(model, data_dir: str, info: dataset_info.DatasetInfo, target_recall: float, split: str = "val") -> dict[str, Any]:
+    """Runs `model` (float32, with a contract) over `split` and stores the threshold and the
+    temperature in its contract; returns the stored entries ({} when the split cannot determine
+    them, which is logged: the model then labels at 0.5 and reports raw probabilities)."""
+    image_size = int(model.inputs[0].shape[1])
+    predictions = evaluate.predict_split(model, data_dir, split, image_size, EVAL_BATCH_SIZE, info)
+    try:
+        values = fit_on_val(predictions.labels, predictions.probabilities, target_recall, split)
+    except ValueError as e:
+        logging.warning("No operating threshold or temperature stored: split %s cannot determine them (%s)",
+                        split, e)
+        return {}
+    contract.update(model, **values)
+    cal = values["calibration"]
+    logging.info(
+        "Operating threshold %.4g (val recall %.4f >= %g, specificity %.4f); temperature %.4g (val NLL %.4f -> "
+        "%.4f, ECE %.4f -> %.4f)", values["operating_threshold"], values["threshold_val_metrics"]["recall"],
+        target_recall, values["threshold_val_metrics"]["specificity"], values["temperature"], cal["raw"]["nll"],
+        cal["calibrated"]["nll"], cal["raw"]["ece"], cal["calibrated"]["ece"])
+    return values
