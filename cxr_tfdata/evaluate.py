@@ -1,9 +1,14 @@
-"""Metrics and reports on a split: threshold metrics, AUCs, bootstrap intervals, operating threshold.
+"""Metrics and reports on a split or an image folder: threshold metrics, AUCs, bootstrap intervals,
+the operating threshold, calibration, and the model card.
 
 Conventions, used everywhere in this package:
   * a prediction is positive (PNEUMONIA) when probability >= threshold (scikit-learn's convention);
-  * the operating threshold is the highest threshold whose recall (sensitivity) on the val split is
-    at least `target_recall`: a val probability itself, so nothing is interpolated;
+  * the operating threshold is the one stored in the model's contract (chosen by cxr-train on val),
+    unless --threshold fixes one or --choose_threshold_on_val asks for a fresh choice: the highest
+    threshold whose recall (sensitivity) on the val split is at least `target_recall`, a val
+    probability itself, so nothing is interpolated;
+  * calibrated probabilities apply the contract's temperature (calibration.py); the threshold applies
+    to the raw probability, which ranks images the same way;
   * intervals are 95% percentile bootstrap intervals; when the records carry patient ids the
     bootstrap samples patients with replacement and takes all their images (a cluster bootstrap,
     since images of one patient are not independent), otherwise it samples images.
@@ -20,17 +25,28 @@ import numpy as np
 from absl import logging
 from sklearn import metrics as skm
 
-from cxr_tfdata import atomic, dataset_info, features, locking, model_io, outputs, tables
+from cxr_tfdata import (
+    atomic,
+    calibration,
+    dataset_info,
+    features,
+    locking,
+    model_io,
+    outputs,
+    tables,
+)
 from cxr_tfdata import config as config_lib
+from cxr_tfdata import contract as contract_lib
 from cxr_tfdata.progress import Progress
 
 HEADLINE_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
 DEFAULT_THRESHOLD = 0.5
+DEFAULT_TARGET_RECALL = 0.95
 CONFIDENCE = 0.95
 PROGRAM = "cxr-evaluate"
 # Everything cxr-evaluate writes into --output_dir; no other file there is touched.
 EVALUATION_FILES = ("metrics.json", "report.md", "predictions.csv", "roc.png", "pr.png",
-                    "confusion_matrix.png", "calibration.png")
+                    "confusion_matrix.png", "calibration.png", "MODEL_CARD.md", "model_card.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,29 +54,41 @@ class EvaluateConfig:
     """What cxr-evaluate runs: a model over one split, with the val split for the operating point."""
 
     model_path: str
-    data_dir: str
-    output_dir: str
+    data_dir: str = ""  # records written by cxr-build-tfrecords (or images_dir)
+    output_dir: str = ""
     split: str = "test"
     val_split: str = "val"
-    target_recall: float = 0.95
-    threshold: float | None = None  # overrides the val-chosen operating threshold
+    # The recall an operating threshold chosen on val must reach; None: the one the model's stored
+    # threshold was chosen for, else DEFAULT_TARGET_RECALL.
+    target_recall: float | None = None
+    threshold: float | None = None  # a fixed operating threshold (neither the model's nor chosen on val)
     bootstrap_samples: int = 1000
     seed: int = 0
     batch_size: int = 32
     overwrite: bool = False  # write into a non-empty --output_dir that cxr-evaluate did not write
+    images_dir: str = ""  # evaluate on a folder of NORMAL/ and PNEUMONIA/ images instead of records
+    choose_threshold_on_val: bool = False  # choose afresh on --val_split even when the model stores one
+    max_file_mb: float = 256.0  # with --images_dir: bytes read per file at most
 
     def __post_init__(self):
         _require(bool(self.model_path), "model", "is required")
-        _require(bool(self.data_dir), "data_dir", "is required")
+        _require(bool(self.data_dir) != bool(self.images_dir), "data_dir",
+                 "give exactly one of --data_dir (records) and --images_dir (an image folder)")
         _require(bool(self.output_dir), "output_dir", "is required")
-        _require(self.threshold is not None or self.val_split != self.split, "val_split",
+        _require(not (self.images_dir and self.choose_threshold_on_val), "choose_threshold_on_val",
+                 "needs --data_dir: an image folder has no val split")
+        _require(not (self.threshold is not None and self.choose_threshold_on_val), "choose_threshold_on_val",
+                 f"contradicts --threshold={self.threshold}: give one of them")
+        _require(bool(self.images_dir) or self.threshold is not None or self.val_split != self.split, "val_split",
                  f"is --split={self.split!r}: the operating threshold would be chosen on the very data it "
                  f"is evaluated on, which flatters every metric at it; choose it on another split "
                  f"(e.g. val) or pass a fixed --threshold")
-        _require(0.0 < self.target_recall <= 1.0, "target_recall", f"must be in (0, 1], got {self.target_recall}")
+        _require(self.target_recall is None or 0.0 < self.target_recall <= 1.0, "target_recall",
+                 f"must be in (0, 1], got {self.target_recall}")
         _require(self.threshold is None or 0.0 <= self.threshold <= 1.0, "threshold", f"must be in [0, 1], got {self.threshold}")
         _require(self.bootstrap_samples >= 0, "bootstrap_samples", f"must be >= 0, got {self.bootstrap_samples}")
         _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(0 < self.max_file_mb < 1 << 30, "max_file_mb", f"must be a number of MB in (0, 2^30), got {self.max_file_mb}")
 
 
 def _require(condition: bool, flag: str, message: str) -> None:
@@ -110,6 +138,49 @@ def predict_split(model, data_dir: str, split: str, image_size: int, batch_size:
 
 def _decode_strings(tensor) -> list[str]:
     return [v.decode("utf-8") for v in np.asarray(tensor).reshape(-1).tolist()]
+
+
+@dataclasses.dataclass(frozen=True)
+class Excluded:
+    """A file of an --images_dir that was not evaluated, and why."""
+
+    path: str
+    reason: str
+
+
+def predict_folder(model, model_contract: dict[str, Any], images_dir: str, batch_size: int,
+                   max_file_bytes: int) -> tuple[SplitPredictions, list[Excluded]]:
+    """Runs `model` over a folder of NORMAL/ and PNEUMONIA/ images, prepared as the model's contract
+    says, through cxr-predict's decode path; the folder is listed exactly as the converter lists one
+    split (same files, names and patient ids). Files that cannot be read are returned as excluded."""
+    from cxr_tfdata import predict  # TensorFlow-heavy
+    from tfrecords_builder import scan
+
+    try:
+        files, strays, unusable = scan.scan_labelled_folder(images_dir)
+    except scan.LayoutError as e:
+        raise ValueError(f"--images_dir: {e}") from e
+    excluded = [Excluded(path, "not inside NORMAL/ or PNEUMONIA/; not evaluated") for path in strays]
+    excluded += [Excluded(entry.path, entry.reason) for entry in unusable]
+    rows = predict.predict_rows(
+        model, [f.path for f in files], int(model_contract["image_size"]), model_contract["resize"] == "pad",
+        DEFAULT_THRESHOLD, batch_size, model_contract["record_encoding"],
+        model_contract.get("jpeg_quality") or 0, max_file_bytes)
+    kept = []
+    for source, row in zip(files, rows, strict=True):
+        if row.error:
+            excluded.append(Excluded(source.path, row.error))
+        else:
+            kept.append((source, row.probability))
+    if not kept:
+        raise ValueError(f"--images_dir: no image of {images_dir} could be read ({len(excluded)} excluded)")
+    predictions = SplitPredictions(
+        filenames=[source.filename for source, _ in kept],
+        patient_ids=[source.patient_id for source, _ in kept],
+        labels=np.asarray([source.label for source, _ in kept], np.int64),
+        probabilities=np.asarray([p for _, p in kept], np.float32),
+    )
+    return predictions, sorted(excluded, key=lambda e: e.path)
 
 
 def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -232,12 +303,11 @@ def metrics_at(predictions: SplitPredictions, threshold: float, intervals: dict[
     return block
 
 
-def build_metrics(
-    config: EvaluateConfig,
-    predictions: SplitPredictions,
-    operating: dict[str, Any],
-) -> dict[str, Any]:
-    """The whole metrics.json: the 0.5 block at top level and under "threshold_0.5", and the operating point."""
+def build_metrics(config: EvaluateConfig, predictions: SplitPredictions, operating: dict[str, Any],
+                  calibration_block: dict[str, Any], source: dict[str, Any],
+                  model_contract: dict[str, Any] | None) -> dict[str, Any]:
+    """The whole metrics.json: the 0.5 block at top level and under "threshold_0.5", the operating
+    point, calibration, what was evaluated and what the model's contract says."""
     groups = predictions.patient_ids if all(predictions.patient_ids) else None
     thresholds = {"threshold_0.5": DEFAULT_THRESHOLD, "operating_point": operating["threshold"]}
     intervals = bootstrap_intervals(
@@ -251,6 +321,7 @@ def build_metrics(
         **at_half,
         "threshold_0.5": at_half,
         "operating_point": at_operating,
+        "calibration": calibration_block,
         "bootstrap": {
             "resampled_by": "patient" if groups is not None else "image",
             "num_clusters": len(set(groups)) if groups is not None else int(predictions.labels.size),
@@ -259,9 +330,12 @@ def build_metrics(
             "method": "percentile",
             "seed": config.seed,
         },
-        "split": config.split,
+        "source": source,
+        "split": source["split"],
         "model": os.path.abspath(config.model_path),
-        "data_dir": os.path.abspath(config.data_dir),
+        "data_dir": os.path.abspath(config.data_dir) if config.data_dir else None,
+        "images_dir": os.path.abspath(config.images_dir) if config.images_dir else None,
+        "model_contract": _contract_facts(model_contract),
         "positive_class": features.POSITIVE_CLASS,
         "decision_rule": "PNEUMONIA when probability >= threshold",
         "class_counts": {
@@ -270,21 +344,37 @@ def build_metrics(
     }
 
 
-def operating_point(config: EvaluateConfig, val_predictions: SplitPredictions | None) -> dict[str, Any]:
-    """The operating threshold: --threshold when given, else chosen on the val split for --target_recall."""
+def _contract_facts(model_contract: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The contract without its bulky training record (the model card shows that)."""
+    if model_contract is None:
+        return None
+    return {key: value for key, value in model_contract.items() if key not in ("training", "data")}
+
+
+def operating_point(config: EvaluateConfig, model_contract: dict[str, Any] | None,
+                    val_predictions: SplitPredictions | None) -> dict[str, Any]:
+    """The operating threshold and where it came from, in this order: --threshold; the threshold the
+    model stores (unless --choose_threshold_on_val); chosen on the val split for the target recall."""
     if config.threshold is not None:
         return {"threshold": float(config.threshold), "chosen_by": "--threshold"}
+    stored = stored_threshold(model_contract)
+    if stored is not None and not config.choose_threshold_on_val:
+        if config.target_recall is not None and abs(config.target_recall - stored["target_recall"]) > 1e-12:
+            raise ValueError(
+                f"--target_recall={config.target_recall} but {config.model_path} stores an operating threshold "
+                f"chosen for recall {stored['target_recall']}; drop --target_recall, or pass "
+                f"--choose_threshold_on_val to choose a new threshold on {config.val_split!r}")
+        return stored
     if val_predictions is None:
-        raise ValueError(f"choosing the operating threshold needs the {config.val_split!r} split's predictions "
-                         f"(or pass --threshold)")
-    threshold = choose_operating_threshold(
-        val_predictions.labels, val_predictions.probabilities, config.target_recall
-    )
+        raise ValueError(f"{config.model_path} stores no operating threshold and there is no val split to choose "
+                         f"one on; pass --threshold")
+    target = config.target_recall or (model_contract or {}).get("target_recall") or DEFAULT_TARGET_RECALL
+    threshold = choose_operating_threshold(val_predictions.labels, val_predictions.probabilities, target)
     val = binary_metrics(val_predictions.labels, val_predictions.probabilities, threshold)
     return {
         "threshold": threshold,
-        "chosen_by": f"highest threshold with recall >= {config.target_recall} on split {config.val_split!r}",
-        "target_recall": config.target_recall,
+        "chosen_by": f"highest threshold with recall >= {target} on split {config.val_split!r} (chosen by cxr-evaluate)",
+        "target_recall": target,
         "val_split": config.val_split,
         "val_recall": val["recall"],
         "val_specificity": val["specificity"],
@@ -292,19 +382,96 @@ def operating_point(config: EvaluateConfig, val_predictions: SplitPredictions | 
     }
 
 
-def predictions_csv(predictions: SplitPredictions) -> str:
-    """filename, patient_id, label (0 NORMAL / 1 PNEUMONIA), probability: enough to recompute every metric.
+def stored_threshold(model_contract: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The operating point block of a model that stores a threshold, else None."""
+    if not model_contract or model_contract.get("operating_threshold") is None:
+        return None
+    val = model_contract.get("threshold_val_metrics") or {}
+    return {
+        "threshold": float(model_contract["operating_threshold"]),
+        "chosen_by": contract_lib.describe_threshold(model_contract),
+        "target_recall": model_contract.get("target_recall"),
+        "val_split": model_contract.get("threshold_chosen_on"),
+        "val_recall": val.get("recall"),
+        "val_specificity": val.get("specificity"),
+        "val_n": val.get("n"),
+    }
+
+
+def calibration_block(predictions: SplitPredictions, model_contract: dict[str, Any] | None,
+                      val_predictions: SplitPredictions | None, val_split: str) -> dict[str, Any]:
+    """Raw and calibrated ECE, Brier and NLL on the evaluated images, with the reliability diagram
+    bins of both. The temperature is the model's; a model without one gets one fitted on val here
+    (said so), or none (then "calibrated" is None)."""
+    temperature, source = None, "none: the model stores no temperature and no val split was available"
+    if model_contract and model_contract.get("temperature") is not None:
+        temperature = float(model_contract["temperature"])
+        source = f"stored in the model (fitted by cxr-train on {(model_contract.get('calibration') or {}).get('fitted_on', 'val')})"
+    elif val_predictions is not None:
+        try:
+            temperature = calibration.fit_temperature(val_predictions.labels, val_predictions.probabilities).temperature
+            source = f"fitted by cxr-evaluate on split {val_split!r} (the model stores none)"
+        except ValueError as e:
+            source = f"none: split {val_split!r} cannot determine one ({e})"
+    labels, raw = predictions.labels, predictions.probabilities
+    calibrated = None if temperature is None else calibration.apply_temperature(raw, temperature)
+    return {
+        "ece_bins": calibration.ECE_BINS,
+        "ece_definition": calibration.ECE_DEFINITION,
+        "temperature": temperature,
+        "temperature_source": source,
+        "raw": calibration.summary(labels, raw),
+        "calibrated": None if calibrated is None else calibration.summary(labels, calibrated),
+        "reliability": {"raw": calibration.reliability(labels, raw),
+                        "calibrated": None if calibrated is None else calibration.reliability(labels, calibrated)},
+    }
+
+
+def calibrated_probabilities(predictions: SplitPredictions, metrics: dict[str, Any]) -> np.ndarray:
+    """The evaluated images' probabilities with the report's temperature (raw ones without one)."""
+    temperature = metrics["calibration"]["temperature"]
+    if temperature is None:
+        return np.asarray(predictions.probabilities, np.float64)
+    return calibration.apply_temperature(predictions.probabilities, temperature)
+
+
+PREDICTIONS_COLUMNS = ("filename", "patient_id", "label", "probability", "calibrated_probability",
+                       "predicted_label")
+
+
+def predictions_csv(predictions: SplitPredictions, metrics: dict[str, Any] | None = None) -> str:
+    """One row per image: filename, patient_id, label (0 NORMAL / 1 PNEUMONIA), probability, and with
+    `metrics` the calibrated probability and the class predicted at the operating threshold: enough
+    to recompute every metric.
 
     Text cells that a spreadsheet would run as a formula start with a single quote (tables.safe_cell).
     """
+    n = predictions.labels.size
+    calibrated, predicted = [""] * n, [""] * n
+    if metrics is not None:
+        calibrated = [f"{p:.9g}" for p in calibrated_probabilities(predictions, metrics).tolist()]
+        threshold = metrics["operating_point"]["threshold"]
+        predicted = [features.CLASS_NAMES[int(p >= threshold)] for p in predictions.probabilities.tolist()]
     rows = zip(predictions.filenames, predictions.patient_ids, predictions.labels.tolist(),
-               (f"{p:.9g}" for p in predictions.probabilities.tolist()), strict=True)
-    return tables.csv_text(["filename", "patient_id", "label", "probability"], rows)
+               (f"{p:.9g}" for p in predictions.probabilities.tolist()), calibrated, predicted, strict=True)
+    return tables.csv_text(PREDICTIONS_COLUMNS, rows)
 
 
-def _check_inputs(config: EvaluateConfig) -> tuple[Any, int, dataset_info.DatasetInfo]:
-    """Loads the model and checks it against the dataset and the output folder, before any work."""
-    inputs = {"--model": config.model_path, "--data_dir": config.data_dir}
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+    """What an evaluation reads, loaded and checked before any output is touched."""
+
+    model: Any
+    image_size: int
+    contract: dict[str, Any] | None
+    info: dataset_info.DatasetInfo | None  # the records' dataset (None with --images_dir)
+    needs_val: bool  # the val split's predictions are needed (threshold or temperature on val)
+
+
+def _check_inputs(config: EvaluateConfig) -> _Inputs:
+    """Loads the model and checks it against the data and the output folder, before any work: the
+    records (or the image folder) must be prepared as the model's contract says."""
+    inputs = {"--model": config.model_path, "--data_dir": config.data_dir, "--images_dir": config.images_dir}
     # The folder only receives files of fixed names, so it may hold the model it evaluates; none of
     # those files may be an input.
     outputs.check_apart("--output_dir", config.output_dir, inputs, may_contain_inputs=True)
@@ -312,12 +479,30 @@ def _check_inputs(config: EvaluateConfig) -> tuple[Any, int, dataset_info.Datase
         outputs.check_apart("--output_dir", os.path.join(config.output_dir, name), inputs)
     model = model_io.load_model(config.model_path)
     image_size = model_io.model_image_size(model, config.model_path)
+    model_contract = contract_lib.read(model)
+    if config.images_dir:
+        if model_contract is None:
+            raise ValueError(f"--images_dir: {config.model_path} carries no contract saying how its images were "
+                             f"prepared; build records from the folder with cxr-build-tfrecords and evaluate "
+                             f"them with --data_dir")
+        if config.threshold is None and stored_threshold(model_contract) is None:
+            raise ValueError(f"--images_dir: {config.model_path} stores no operating threshold and an image "
+                             f"folder has no val split to choose one on; pass --threshold")
+        if not os.path.isdir(config.images_dir):
+            raise FileNotFoundError(f"--images_dir: {config.images_dir} does not exist or is not a folder")
+        return _Inputs(model, image_size, model_contract, None, needs_val=False)
     info = dataset_info.load(config.data_dir)
     info.split(config.split)
-    if config.threshold is None:
-        info.split(config.val_split)
     model_io.check_image_size(image_size, info.image_size, config.model_path, config.data_dir)
-    return model, image_size, info
+    contract_lib.resolve(model_contract, contract_lib.preparation(info.manifest),
+                         dict.fromkeys(contract_lib.PREPARATION_KEYS), config.model_path,
+                         os.path.join(config.data_dir, dataset_info.MANIFEST_FILENAME))
+    choose = config.threshold is None and (config.choose_threshold_on_val or stored_threshold(model_contract) is None)
+    if choose:
+        info.split(config.val_split)  # names the missing split
+    lacks_temperature = not model_contract or model_contract.get("temperature") is None
+    needs_val = choose or (lacks_temperature and config.val_split in info.splits and config.val_split != config.split)
+    return _Inputs(model, image_size, model_contract, info, needs_val)
 
 
 @contextlib.contextmanager
@@ -343,28 +528,58 @@ def claimed_output_dir(config: EvaluateConfig):
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
-    """Runs the model over the split (and val), writes metrics.json, report.md, plots, predictions.csv."""
-    from cxr_tfdata import plots
+    """Runs the model over the split (or the image folder) and writes metrics.json, report.md, the
+    plots, predictions.csv, MODEL_CARD.md and model_card.json."""
+    from cxr_tfdata import model_card, plots
 
     config = dataclasses.replace(config, output_dir=outputs.canonical(config.output_dir))
-    model, image_size, info = _check_inputs(config)
-    how = (f"threshold {config.threshold} given" if config.threshold is not None else
-           f"operating threshold chosen on split {config.val_split} for recall {config.target_recall}")
-    logging.info("evaluating %s on split %s of %s (%d images; %s)", config.model_path, config.split,
-                 config.data_dir, info.num_examples(config.split), how)
+    checked = _check_inputs(config)
+    where = (f"image folder {config.images_dir}" if config.images_dir else
+             f"split {config.split} of {config.data_dir} ({checked.info.num_examples(config.split)} images)")
+    logging.info("evaluating %s on %s", config.model_path, where)
     with claimed_output_dir(config) as folder:
-        predictions = predict_split(model, config.data_dir, config.split, image_size, config.batch_size, info)
+        excluded: list[Excluded] = []
+        if config.images_dir:
+            predictions, excluded = predict_folder(checked.model, checked.contract, config.images_dir,
+                                                   config.batch_size, int(config.max_file_mb * (1 << 20)))
+        else:
+            predictions = predict_split(checked.model, config.data_dir, config.split, checked.image_size,
+                                        config.batch_size, checked.info)
         val_predictions = None
-        if config.threshold is None:
-            val_predictions = predict_split(
-                model, config.data_dir, config.val_split, image_size, config.batch_size, info
-            )
-        metrics = build_metrics(config, predictions, operating_point(config, val_predictions))
-        atomic.write_text(os.path.join(folder, "predictions.csv"), predictions_csv(predictions))
-        plots.write_all(predictions.labels, predictions.probabilities, metrics, folder)
+        if checked.needs_val:
+            val_predictions = predict_split(checked.model, config.data_dir, config.val_split, checked.image_size,
+                                            config.batch_size, checked.info)
+        operating = operating_point(config, checked.contract, val_predictions)
+        logging.info("operating threshold %.4g: %s", operating["threshold"], operating["chosen_by"])
+        metrics = build_metrics(config, predictions, operating,
+                                calibration_block(predictions, checked.contract, val_predictions, config.val_split),
+                                _source(config, checked, excluded), checked.contract)
+        atomic.write_text(os.path.join(folder, "predictions.csv"), predictions_csv(predictions, metrics))
+        plots.write_all(predictions.labels, predictions.probabilities, metrics, folder,
+                        calibrated_probabilities(predictions, metrics))
         atomic.write_text(os.path.join(folder, "report.md"), markdown_report(metrics, predictions))
+        card = model_card.build(metrics, checked.contract)
+        atomic.write_json(os.path.join(folder, "model_card.json"), card)
+        atomic.write_text(os.path.join(folder, "MODEL_CARD.md"), model_card.markdown(card))
         atomic.write_json(os.path.join(folder, "metrics.json"), metrics)
+    if excluded:
+        logging.warning("%d file(s) of %s could not be evaluated and were excluded (listed in report.md and "
+                        "metrics.json), e.g. %s: %s", len(excluded), config.images_dir, excluded[0].path,
+                        excluded[0].reason)
     return metrics
+
+
+def _source(config: EvaluateConfig, checked: _Inputs, excluded: list[Excluded]) -> dict[str, Any]:
+    """What was evaluated: the records' split, or an image folder with the files it could not use."""
+    if config.images_dir:
+        return {"kind": "images_dir", "path": os.path.abspath(config.images_dir), "split": None,
+                "num_unreadable": len(excluded),
+                "unreadable": [{"path": e.path, "error": e.reason} for e in excluded]}
+    trained_on = (checked.contract or {}).get("dataset_fingerprint")
+    return {"kind": "records", "path": os.path.abspath(config.data_dir), "split": config.split,
+            "num_unreadable": 0, "unreadable": [],
+            "dataset_fingerprint": checked.info.fingerprint,
+            "same_dataset_as_training": None if trained_on is None else trained_on == checked.info.fingerprint}
 
 
 _METRIC_LABELS = {
@@ -419,13 +634,13 @@ def _false_negative_text(metrics: dict[str, Any]) -> str:
     (_, _), (fn_half, _) = metrics["threshold_0.5"]["confusion_matrix"]
     how = op["chosen_by"]
     val_part = ""
-    if "val_recall" in op:
+    if op.get("val_recall") is not None:
         val_part = (f" On the {op['val_split']} split it gave sensitivity {op['val_recall']:.4f} "
                     f"(target {op['target_recall']}).")
     return (
         "A missed pneumonia (false negative) is the costly error here: a sick child may go untreated, "
         "while a false alarm costs a second look. The operating threshold "
-        f"{op['threshold']:.4g} was chosen as the {how}.{val_part} On the {metrics['split']} split it "
+        f"{op['threshold']:.4g} comes from: {how}.{val_part} On the {_evaluated(metrics)} it "
         f"gives sensitivity {_fmt(op['recall'])} (95% CI {_fmt_ci(op['ci'].get('recall'))}): "
         f"{fn} of {fn + tp} pneumonia images missed, against {fn_half} at threshold 0.5. "
         f"The price is specificity {_fmt(op['specificity'])} (95% CI "
@@ -435,16 +650,57 @@ def _false_negative_text(metrics: dict[str, Any]) -> str:
     )
 
 
+def _evaluated(metrics: dict[str, Any]) -> str:
+    source = metrics["source"]
+    return f"image folder `{source['path']}`" if source["kind"] == "images_dir" else f"split `{metrics['split']}`"
+
+
+def calibration_text(metrics: dict[str, Any]) -> str:
+    """The calibration section: the temperature, where it came from, and raw vs calibrated figures."""
+    block = metrics["calibration"]
+    raw, calibrated = block["raw"], block["calibrated"]
+    lines = [
+        f"Temperature: {_fmt(block['temperature'])} ({block['temperature_source']}). Calibrated probability = "
+        "sigmoid(logit(p) / temperature): the ranking, the AUCs and every label are unchanged.",
+        "",
+        "| Probabilities | ECE | Brier | NLL |",
+        "|---|---|---|---|",
+        f"| raw | {_fmt(raw['ece'])} | {_fmt(raw['brier'])} | {_fmt(raw['nll'])} |",
+    ]
+    if calibrated is not None:
+        lines.append(f"| calibrated | {_fmt(calibrated['ece'])} | {_fmt(calibrated['brier'])} | "
+                     f"{_fmt(calibrated['nll'])} |")
+    lines += ["", f"ECE: {block['ece_definition']}. Brier: mean squared error of the probability. NLL: mean "
+              "binary cross-entropy. Lower is better for all three."]
+    return "\n".join(lines)
+
+
+def _excluded_text(metrics: dict[str, Any]) -> list[str]:
+    source = metrics["source"]
+    if source["kind"] != "images_dir":
+        return []
+    lines = ["## Files not evaluated", ""]
+    if not source["unreadable"]:
+        return [*lines, "None: every file of the folder was read and evaluated.", ""]
+    lines += [f"{source['num_unreadable']} file(s) could not be read and are excluded from every figure above:", "",
+              "| File | Reason |", "|---|---|"]
+    lines += [f"| `{tables.safe_cell(e['path'])}` | {tables.safe_cell(e['error'])} |" for e in source["unreadable"]]
+    return [*lines, ""]
+
+
 def markdown_report(metrics: dict[str, Any], predictions: SplitPredictions) -> str:
-    """report.md: summary, intervals, confusion matrices, false negatives, classification reports, plots."""
+    """report.md: summary, intervals, confusion matrices, false negatives, calibration, classification
+    reports, plots, and (for an image folder) the files it could not read."""
     boot = metrics["bootstrap"]
     counts = ", ".join(f"{k}: {v}" for k, v in metrics["class_counts"].items())
     half, op = metrics["threshold_0.5"], metrics["operating_point"]
+    source = metrics["source"]
+    excluded = f"; {source['num_unreadable']} unreadable file(s) excluded" if source["kind"] == "images_dir" else ""
     return "\n".join([
-        f"# Evaluation on split `{metrics['split']}`",
+        f"# Evaluation on {_evaluated(metrics)}",
         "",
         f"Model: `{metrics['model']}`  ",
-        f"Data: `{metrics['data_dir']}` ({metrics['n']} images; {counts})  ",
+        f"Data: `{source['path']}` ({metrics['n']} images; {counts}{excluded})  ",
         f"Decision rule: {metrics['decision_rule']}.",
         "",
         "## Summary",
@@ -458,6 +714,10 @@ def markdown_report(metrics: dict[str, Any], predictions: SplitPredictions) -> s
         "## False negatives and the operating point",
         "",
         _false_negative_text(metrics),
+        "",
+        "## Calibration",
+        "",
+        calibration_text(metrics),
         "",
         f"## Confusion matrix at threshold {half['threshold']:.4g}",
         "",
@@ -479,12 +739,13 @@ def markdown_report(metrics: dict[str, Any], predictions: SplitPredictions) -> s
         classification_report(predictions.labels, predictions.probabilities, op['threshold'], as_dict=False),
         "```",
         "",
+        *_excluded_text(metrics),
         "## Plots",
         "",
         "![ROC](roc.png) ![Precision-recall](pr.png)",
         "![Confusion matrix](confusion_matrix.png) ![Calibration](calibration.png)",
         "",
-        "Per-image probabilities: `predictions.csv`.",
+        "Per-image probabilities (raw and calibrated) and labels at the operating threshold: `predictions.csv`. "
+        "What the model is for and not for: `MODEL_CARD.md`.",
         "",
     ])
-

@@ -12,10 +12,9 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from sklearn import calibration
 from sklearn import metrics as skm
 
-from cxr_tfdata import atomic, features
+from cxr_tfdata import atomic, calibration, features
 
 
 def _save(figure: Figure, path: str) -> None:
@@ -77,22 +76,33 @@ def confusion_plot(metrics: dict[str, Any], path: str) -> None:
     _save(figure, path)
 
 
-def calibration_plot(labels: np.ndarray, probabilities: np.ndarray, path: str, num_bins: int = 10) -> None:
-    observed, predicted = calibration.calibration_curve(
-        labels, probabilities, n_bins=num_bins, strategy="uniform"
-    )
-    figure = Figure(figsize=(5, 6))
+def calibration_plot(labels: np.ndarray, probabilities: np.ndarray, path: str,
+                     calibrated: np.ndarray | None = None, temperature: float | None = None) -> None:
+    """Reliability diagram of the raw (and the calibrated) probabilities, with the bins ECE uses
+    (calibration.ECE_BINS equal-width bins; a marker per non-empty bin), and their histograms."""
+    figure = Figure(figsize=(5.5, 6.5))
     ax, hist = figure.add_subplot(2, 1, 1), figure.add_subplot(2, 1, 2)
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfectly calibrated")
-    ax.plot(predicted, observed, marker="o", label="model")
-    ax.set(ylabel="Fraction PNEUMONIA", title="Calibration (reliability diagram)", xlim=(0, 1), ylim=(0, 1))
-    ax.legend(loc="upper left")
-    hist.hist(probabilities, bins=num_bins, range=(0, 1), color="grey")
+    curves = [("raw", probabilities, "o")]
+    if calibrated is not None:
+        curves.append((f"calibrated (T = {temperature:.3g})" if temperature else "calibrated", calibrated, "s"))
+    for name, values, marker in curves:
+        bins = calibration.reliability(labels, values)
+        ece = calibration.ece(labels, values)
+        ax.plot(bins["mean_probability"], bins["observed_frequency"], marker=marker, label=f"{name}: ECE {ece:.3f}")
+    ax.set(ylabel="Fraction PNEUMONIA", xlim=(0, 1), ylim=(0, 1),
+           title=f"Reliability diagram ({calibration.ECE_BINS} equal-width bins)")
+    ax.legend(loc="upper left", fontsize=8)
+    hist.hist([values for _, values, _ in curves], bins=calibration.ECE_BINS, range=(0, 1),
+              label=[name for name, _, _ in curves])
     hist.set(xlabel="Predicted probability of PNEUMONIA", ylabel="Images", xlim=(0, 1))
+    if len(curves) > 1:
+        hist.legend(fontsize=8)
     _save(figure, path)
 
 
-def write_all(labels: np.ndarray, probabilities: np.ndarray, metrics: dict[str, Any], output_dir: str) -> list[str]:
+def write_all(labels: np.ndarray, probabilities: np.ndarray, metrics: dict[str, Any], output_dir: str,
+              calibrated: np.ndarray | None = None) -> list[str]:
     """Writes roc.png, pr.png, confusion_matrix.png and calibration.png; returns their paths."""
     paths = [os.path.join(output_dir, name) for name in
              ("roc.png", "pr.png", "confusion_matrix.png", "calibration.png")]
@@ -101,5 +111,6 @@ def write_all(labels: np.ndarray, probabilities: np.ndarray, metrics: dict[str, 
         roc_plot(labels, probabilities, metrics, paths[0])
         pr_plot(labels, probabilities, metrics, paths[1])
     confusion_plot(metrics, paths[2])
-    calibration_plot(labels, probabilities, paths[3])
+    temperature = (metrics.get("calibration") or {}).get("temperature")
+    calibration_plot(labels, probabilities, paths[3], calibrated if temperature is not None else None, temperature)
     return [p for p in paths if os.path.exists(p)]

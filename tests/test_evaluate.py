@@ -294,5 +294,5 @@ def test_operating_point_without_val_predictions_is_an_error_not_an_assert(setup
     config = evaluate.EvaluateConfig(model_path=str(setup.model_path), data_dir=str(setup.data_dir),
                                      output_dir=str(tmp_path / "out"))
     assert config.threshold is None
-    with pytest.raises(ValueError, match="'val' split's predictions"):
-        evaluate.operating_point(config, None)
+    with pytest.raises(ValueError, match="stores no operating threshold and there is no val split"):
+        evaluate.operating_point(config, None, None)

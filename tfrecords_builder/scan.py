@@ -117,7 +117,8 @@ def _scan_class_folder(split: str, split_dir: str, label: int, required: bool,
     return files
 
 
-def _scan_split(input_dir: str, split: str, unusable: list[Unusable]) -> tuple[list[SourceFile], list[str]]:
+def _scan_split(input_dir: str, split: str, unusable: list[Unusable],
+                required: bool | None = None) -> tuple[list[SourceFile], list[str]]:
     """Returns the split's files and the paths of stray files lying beside the class folders."""
     split_dir = os.path.join(input_dir, split)
     strays = []
@@ -131,8 +132,21 @@ def _scan_split(input_dir: str, split: str, unusable: list[Unusable]) -> tuple[l
     files = []
     for label in range(len(features.CLASS_NAMES)):
         # A given val/ may be partial: it is merged into train when too small (see plan.py).
-        files.extend(_scan_class_folder(split, split_dir, label, split in REQUIRED_SPLITS, unusable))
+        files.extend(_scan_class_folder(split, split_dir, label,
+                                        split in REQUIRED_SPLITS if required is None else required, unusable))
     return files, strays
+
+
+def scan_labelled_folder(folder: str) -> tuple[list[SourceFile], list[str], list[Unusable]]:
+    """A folder holding NORMAL/ and PNEUMONIA/ (cxr-evaluate --images_dir), read exactly as one split
+    folder of the converter's input is: the same files, names, labels and patient ids, the same stray
+    files beside the class folders and the same unusable entries. Both class folders are required."""
+    folder = os.path.abspath(folder)
+    if not os.path.isdir(folder):
+        raise LayoutError(f"{folder} does not exist or is not a folder")
+    unusable: list[Unusable] = []
+    files, strays = _scan_split(os.path.dirname(folder), os.path.basename(folder), unusable, required=True)
+    return files, strays, unusable
 
 
 def scan_input(input_dir: str) -> tuple[dict[str, list[SourceFile]], list[str], list[Unusable]]:

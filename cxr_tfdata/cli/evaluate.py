@@ -1,23 +1,41 @@
-"""cxr-evaluate: metrics, intervals, report and plots of a trained model on one split of a dataset."""
+"""cxr-evaluate: metrics, intervals, calibration, report, plots and model card of a trained model, on
+one split of a dataset (--data_dir) or on a folder of NORMAL/ and PNEUMONIA/ images (--images_dir)."""
 
 from __future__ import annotations
 
 from absl import app, flags
 
 from cxr_tfdata.cli import run_main
+from tfrecords_builder import imaging
 
 _MODEL = flags.DEFINE_string("model", None, "Trained model (.keras) to evaluate; loaded in Keras safe mode.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Dataset directory written by cxr-build-tfrecords.")
+_IMAGES_DIR = flags.DEFINE_string(
+    "images_dir", None,
+    "Instead of --data_dir: a folder with NORMAL/ and PNEUMONIA/ subfolders of images (e.g. another hospital's), "
+    "read as cxr-predict reads images and prepared as the model's contract says. Unreadable files are listed in "
+    "report.md and excluded. Needs a model written by cxr-train (or --threshold).")
 _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate.")
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", None,
-    "Where metrics.json, report.md, predictions.csv and the plots (roc, pr, confusion_matrix, calibration .png) go.")
-_VAL_SPLIT = flags.DEFINE_string("val_split", "val", "Split on which the operating threshold is chosen.")
+    "Where metrics.json, report.md, MODEL_CARD.md, model_card.json, predictions.csv and the plots (roc, pr, "
+    "confusion_matrix, calibration .png) go.")
+_VAL_SPLIT = flags.DEFINE_string(
+    "val_split", "val",
+    "Split on which an operating threshold is chosen (when the model stores none, or with "
+    "--choose_threshold_on_val) and a temperature fitted (when the model stores none).")
 _TARGET_RECALL = flags.DEFINE_float(
-    "target_recall", 0.95,
-    "The operating threshold is the highest threshold whose recall (sensitivity) on --val_split is at least this.")
+    "target_recall", None,
+    "Recall (sensitivity) an operating threshold chosen on --val_split must reach: the highest such threshold "
+    "is chosen. Default: the one the model's stored threshold was chosen for, else 0.95. A value "
+    "contradicting the stored threshold's is refused unless --choose_threshold_on_val.")
 _THRESHOLD = flags.DEFINE_float(
-    "threshold", None, "Fixed operating threshold; overrides the choice on --val_split (which is then not read).")
+    "threshold", None, "Fixed operating threshold, instead of the model's stored one or one chosen on --val_split.")
+_CHOOSE = flags.DEFINE_bool(
+    "choose_threshold_on_val", False,
+    "Choose the operating threshold afresh on --val_split for --target_recall, even when the model stores one.")
+_MAX_FILE_MB = flags.DEFINE_float("max_file_mb", imaging.DEFAULT_MAX_FILE_MB,
+                                  "With --images_dir: files larger than this are listed as excluded, not read.")
 _BOOTSTRAP_SAMPLES = flags.DEFINE_integer(
     "bootstrap_samples", 1000, "Bootstrap resamples for the 95% intervals (by patient when ids exist); 0 disables.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the bootstrap.")
@@ -37,6 +55,9 @@ def main(argv):
     config = evaluate.EvaluateConfig(
         model_path=_MODEL.value or "",
         data_dir=_DATA_DIR.value or "",
+        images_dir=_IMAGES_DIR.value or "",
+        choose_threshold_on_val=_CHOOSE.value,
+        max_file_mb=_MAX_FILE_MB.value,
         output_dir=_OUTPUT_DIR.value or "",
         split=_SPLIT.value,
         val_split=_VAL_SPLIT.value,
@@ -48,11 +69,20 @@ def main(argv):
         overwrite=_OVERWRITE.value,
     )
     metrics = evaluate.evaluate(config)
-    boot = metrics["bootstrap"]
-    print(f"Split {config.split!r}: {metrics['n']} images. 95% bootstrap intervals by {boot['resampled_by']} "
+    boot, source, cal = metrics["bootstrap"], metrics["source"], metrics["calibration"]
+    where = f"Image folder {source['path']}" if source["kind"] == "images_dir" else f"Split {config.split!r}"
+    excluded = f" ({source['num_unreadable']} unreadable file(s) excluded)" if source["kind"] == "images_dir" else ""
+    print(f"{where}: {metrics['n']} images{excluded}. 95% bootstrap intervals by {boot['resampled_by']} "
           f"({boot['samples']} resamples).")
     print(evaluate.summary_table(metrics))
-    print(f"Wrote metrics.json, report.md, predictions.csv and plots to {config.output_dir}")
+    print(f"Operating threshold {metrics['operating_point']['threshold']:.4g}: "
+          f"{metrics['operating_point']['chosen_by']}.")
+    calibrated = cal["calibrated"]
+    print(f"Calibration (ECE, {cal['ece_bins']} bins): raw {cal['raw']['ece']:.4f}"
+          + (f", calibrated {calibrated['ece']:.4f} (temperature {cal['temperature']:.4g})" if calibrated else
+             " (no temperature)"))
+    print(f"Wrote report.md, MODEL_CARD.md, metrics.json, model_card.json, predictions.csv and plots to "
+          f"{config.output_dir}")
     return 0
 
 
