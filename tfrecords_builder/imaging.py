@@ -214,6 +214,17 @@ def decode_and_resize(
     return np.asarray(image, dtype=np.uint8)[..., None], original_hw
 
 
+def decode_grayscale(data: bytes) -> Image.Image:
+    """Source bytes -> the whole image as 8-bit grayscale ("L"), EXIF orientation applied, not resized.
+
+    The decode of `decode_and_resize` at full resolution (no JPEG draft), for drawing on the source
+    as it is (cxr-predict's Grad-CAM). Raises ImageError with the reason, as decode_and_resize does.
+    """
+    image, stored_size = _open(data, None)
+    image, _ = _orient(image, stored_size)
+    return to_grayscale(image)
+
+
 def encode(pixels: np.ndarray, encoding: str, jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> bytes:
     """uint8 [H, W, 1] or [H, W] -> single-channel JPEG or PNG bytes."""
     if encoding not in ENCODINGS:
