@@ -1,8 +1,11 @@
 """A serving SavedModel: encoded JPEG/PNG bytes in, pneumonia probability out, preprocessing in-graph.
 
 Signature `serving_default`: input `image_bytes` tf.string [None] (JPEG or PNG, any size, gray or
-colour); outputs `probability` float32 [None] and `error` tf.string [None]. One bad image never
-fails the batch: its row has probability NaN and the reason in `error` ("" for a scored image).
+colour); outputs `probability` float32 [None], `calibrated_probability` float32 [None] (the model's
+temperature applied), `label` tf.string [None] ("PNEUMONIA" when probability >= the model's operating
+threshold, else "NORMAL") and `error` tf.string [None]. One bad image never fails the batch: its row
+has probability NaN, label "" and the reason in `error` ("" for a scored image). The model's
+contract is saved beside the graph as assets/cxr_export.json, readable without TensorFlow.
 Before anything is decoded, each image's format and size are read from its header bytes: other
 formats, corrupt headers and images announcing more than imaging.MAX_IMAGE_PIXELS pixels are
 refused there (a decompression bomb is never decoded). The rest are decoded in a tf.data pipeline
@@ -12,8 +15,8 @@ flat grey) is refused too. In the graph each image is decoded to one channel as 
 decodes it (a JPEG at the converter's reduced DCT scale), resized to the model's size with PIL's
 bilinear arithmetic -- squashed to a square, or with resize="pad" letterboxed on black with the
 converter's geometry -- so its pixels are the converter's (benchmarks/serving_parity.py); with record_encoding="jpeg" they then go through the records' JPEG round trip (as cxr-predict
-does). The model itself then applies the ResNet scaling. Export with the settings the training
-records were built with (cxr-export --data_dir reads them from the dataset's manifest.json).
+does). The model itself then applies the ResNet scaling. All of these settings come from the
+model's contract; a model without one is exported with the flags given (or the converter's defaults).
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from cxr_tfdata import features, folder_swap, locking, model_io, outputs, predict
+from cxr_tfdata import calibration, features, folder_swap, locking, model_io, outputs, predict
 from tfrecords_builder import imaging
 
 SIGNATURE_KEY = "serving_default"
 INPUT_KEY = "image_bytes"
 OUTPUT_KEY = "probability"
+CALIBRATED_KEY = "calibrated_probability"
+LABEL_KEY = "label"
 ERROR_KEY = "error"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -49,22 +54,22 @@ class ExportConfig:
     model_path: str
     output_dir: str
     overwrite: bool = False
-    # The records' cxr-build-tfrecords --resize, --encoding and --jpeg_quality.
-    resize: str = imaging.DEFAULT_RESIZE
-    record_encoding: str = imaging.DEFAULT_ENCODING
-    jpeg_quality: int = imaging.DEFAULT_JPEG_QUALITY
-    data_dir: str = ""  # the training dataset, when given: its image size is checked against the model's
+    # None: not given. The model's contract says how its images are prepared and labelled; a value
+    # given here must agree with it (and with --data_dir's manifest), else the export is refused.
+    resize: str | None = None
+    record_encoding: str | None = None
+    jpeg_quality: int | None = None
+    threshold: float | None = None
+    data_dir: str = ""  # the training dataset, when given: checked against the model's contract
 
     def __post_init__(self):
         if not self.model_path:
             raise ValueError("--model: is required")
         if not self.output_dir:
             raise ValueError("--output_dir: is required")
-        _ = self.records  # validates resize, record_encoding and jpeg_quality
-
-    @property
-    def records(self) -> predict.RecordSettings:
-        return predict.RecordSettings(self.resize, self.record_encoding, self.jpeg_quality)
+        predict.check_record_flags(self.resize, self.record_encoding, self.jpeg_quality)
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"--threshold: must be in [0, 1], got {self.threshold}")
 
 
 _PRECISION_BITS = 22  # PIL's fixed-point precision for 8-bit resampling (Resample.c)
@@ -199,10 +204,22 @@ def _header_sizes(image_bytes: tf.Tensor, count: tf.Tensor, index: tf.Tensor):
     return is_jpeg, is_png, (is_jpeg & jpeg_ok) | is_png, hw
 
 
+def _calibrated(probability: tf.Tensor, temperature: float | None) -> tf.Tensor:
+    """calibration.apply_temperature in-graph, in float64 as there (NaN stays NaN)."""
+    if temperature is None:
+        return probability
+    p = tf.clip_by_value(tf.cast(probability, tf.float64), calibration.PROBABILITY_EPSILON,
+                         1.0 - calibration.PROBABILITY_EPSILON)
+    logit = tf.math.log(p) - tf.math.log1p(-p)
+    return tf.cast(tf.sigmoid(logit / temperature), tf.float32)
+
+
 def serving_function(model: keras.Model, image_size: int, pad: bool = False, jpeg_quality: int | None = None,
-                     max_pixels: int = imaging.MAX_IMAGE_PIXELS):
+                     max_pixels: int = imaging.MAX_IMAGE_PIXELS, threshold: float = predict.DEFAULT_THRESHOLD,
+                     temperature: float | None = None):
     """The serving computation: a batch of encoded images -> {"probability": float32 [N] (NaN where
-    the image was refused), "error": string [N] ("" where it was scored)}."""
+    the image was refused), "calibrated_probability": float32 [N], "label": string [N] (class name at
+    `threshold`, "" where refused), "error": string [N] ("" where it was scored)}."""
 
     def serve(image_bytes):
         count = tf.shape(image_bytes)[0]
@@ -237,7 +254,11 @@ def serving_function(model: keras.Model, image_size: int, pad: bool = False, jpe
         error = tf.where(is_jpeg & ~header_ok, "corrupt JPEG header", error)
         error = tf.where(~is_jpeg & ~is_png, "not a JPEG or PNG image", error)
         error = tf.where(tf.equal(tf.strings.length(image_bytes), 0), "empty input", error)
-        return {OUTPUT_KEY: probability, ERROR_KEY: error}
+        # Compared in float64, as cxr-predict compares: a float32 threshold could round either way.
+        positive = tf.cast(probability, tf.float64) >= tf.constant(threshold, tf.float64)
+        label = tf.where(is_scored, tf.where(positive, features.CLASS_NAMES[1], features.CLASS_NAMES[0]), "")
+        return {OUTPUT_KEY: probability, CALIBRATED_KEY: _calibrated(probability, temperature),
+                LABEL_KEY: label, ERROR_KEY: error}
 
     return serve
 
@@ -252,11 +273,13 @@ class ServingModule(tf.Module):
     """
 
     def __init__(self, model: keras.Model, pad: bool = False, jpeg_quality: int | None = None,
-                 description_path: str | None = None):
+                 description_path: str | None = None, threshold: float = predict.DEFAULT_THRESHOLD,
+                 temperature: float | None = None):
         super().__init__(name="cxr_serving")
         self.image_size = model_io.model_image_size(model)
         self.serve = tf.function(
-            serving_function(model, self.image_size, pad, jpeg_quality),
+            serving_function(model, self.image_size, pad, jpeg_quality, threshold=threshold,
+                             temperature=temperature),
             input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_KEY)],
         )
         self.captured_variables = list(self.serve.get_concrete_function().variables)
@@ -264,21 +287,31 @@ class ServingModule(tf.Module):
             self.description = tf.saved_model.Asset(description_path)
 
 
-def description(image_size: int, pad: bool, jpeg_quality: int | None, model_path: str = "") -> dict:
-    """assets/cxr_export.json: what the export expects and returns, readable without TensorFlow."""
+def description(image_size: int, reading: predict.Reading, model_path: str = "") -> dict:
+    """assets/cxr_export.json: what the export expects and returns, and the model's contract, readable
+    without TensorFlow."""
+    records = reading.records
     return {
         "written_by": PROGRAM,
         "source_model": os.path.abspath(model_path) if model_path else "",
         "signature": SIGNATURE_KEY,
         "input": {INPUT_KEY: "tf.string [None]: encoded JPEG or PNG bytes, any size, gray or colour"},
         "outputs": {OUTPUT_KEY: "float32 [None]: probability of PNEUMONIA; NaN where the image was refused",
+                    CALIBRATED_KEY: "float32 [None]: the probability with the temperature below applied "
+                                    "(sigmoid(logit(p) / temperature)); equal to probability without one",
+                    LABEL_KEY: "string [None]: PNEUMONIA when probability >= operating_threshold, else NORMAL; "
+                               "empty where the image was refused",
                     ERROR_KEY: "string [None]: why the image was refused; empty where it was scored"},
         "image_size": image_size,
-        "resize": "pad" if pad else "squash",
-        "record_encoding": "jpeg" if jpeg_quality is not None else "png",
-        "jpeg_quality": jpeg_quality,
+        "resize": records.resize,
+        "record_encoding": records.record_encoding,
+        "jpeg_quality": records.round_trip_quality,
+        "operating_threshold": reading.threshold,
+        "threshold_source": reading.threshold_source,
+        "temperature": reading.temperature,
         "class_names": list(features.CLASS_NAMES),
         "max_image_pixels": imaging.MAX_IMAGE_PIXELS,
+        "contract": reading.contract,
     }
 
 
@@ -294,8 +327,8 @@ def check_output(output_dir: str, overwrite: bool, inputs: dict[str, str]) -> No
                               outputs.saved_model_problems(output_dir))
 
 
-def export_saved_model(model: keras.Model, output_dir: str, overwrite: bool = False, pad: bool = False,
-                       jpeg_quality: int | None = None, model_path: str = "", data_dir: str = "") -> str:
+def export_saved_model(model: keras.Model, output_dir: str, reading: predict.Reading | None = None,
+                       overwrite: bool = False, model_path: str = "", data_dir: str = "") -> str:
     """Writes the SavedModel beside `output_dir` and renames it into place only when complete.
 
     An existing output_dir is replaced only with `overwrite`, and only when it is an export of this
@@ -305,6 +338,7 @@ def export_saved_model(model: keras.Model, output_dir: str, overwrite: bool = Fa
     ResNet50V2 export.
     """
     output_dir = outputs.canonical(output_dir)
+    reading = reading or predict.resolve_reading(model, model_path or model.name)
     inputs = {"--model": model_path, "--data_dir": data_dir}
     check_output(output_dir, overwrite, inputs)
     parent = os.path.dirname(output_dir)
@@ -317,9 +351,10 @@ def export_saved_model(model: keras.Model, output_dir: str, overwrite: bool = Fa
         try:
             asset = os.path.join(staging, DESCRIPTION_ASSET)
             with open(asset, "w", encoding="utf-8") as f:
-                json.dump(description(model_io.model_image_size(model), pad, jpeg_quality, model_path), f,
+                json.dump(description(model_io.model_image_size(model), reading, model_path), f,
                           indent=2, sort_keys=True)
-            module = ServingModule(model, pad, jpeg_quality, asset)
+            module = ServingModule(model, reading.records.resize == "pad", reading.records.round_trip_quality,
+                                   asset, reading.threshold, reading.temperature)
             saved = os.path.join(staging, "saved_model")
             tf.saved_model.save(module, saved, signatures={SIGNATURE_KEY: module.serve})
             folder_swap.swap_into_place(saved, output_dir)
@@ -329,14 +364,17 @@ def export_saved_model(model: keras.Model, output_dir: str, overwrite: bool = Fa
 
 
 def export(config: ExportConfig) -> str:
-    """Runs cxr-export: loads the model in safe mode and writes the serving SavedModel."""
+    """Runs cxr-export: loads the model in safe mode and writes the serving SavedModel, prepared and
+    labelled as the model's contract says."""
     outputs.check_apart("--output_dir", config.output_dir, {"--model": config.model_path,
                                                             "--data_dir": config.data_dir})
     model = model_io.load_model(config.model_path)
     image_size = model_io.model_image_size(model, config.model_path)
-    predict.check_dataset_image_size(image_size, config.model_path, config.data_dir)
-    logging.info("exporting %s to %s (%d px, resize %s, records %s)", config.model_path, config.output_dir,
-                 image_size, config.resize, config.record_encoding)
-    return export_saved_model(model, config.output_dir, config.overwrite, pad=config.resize == "pad",
-                              jpeg_quality=config.records.round_trip_quality, model_path=config.model_path,
+    reading = predict.resolve_reading(model, config.model_path, config.data_dir, resize=config.resize,
+                                      record_encoding=config.record_encoding, jpeg_quality=config.jpeg_quality,
+                                      threshold=config.threshold)
+    logging.info("exporting %s to %s (%d px, resize %s, records %s; labels at %.4g: %s; temperature %s)",
+                 config.model_path, config.output_dir, image_size, reading.records.resize,
+                 reading.records.record_encoding, reading.threshold, reading.threshold_source, reading.temperature)
+    return export_saved_model(model, config.output_dir, reading, config.overwrite, model_path=config.model_path,
                               data_dir=config.data_dir)

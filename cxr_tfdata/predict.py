@@ -18,16 +18,25 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from cxr_tfdata import atomic, dataset_info, features, gradcam, locking, outputs, tables
+from cxr_tfdata import (
+    atomic,
+    calibration,
+    contract,
+    dataset_info,
+    features,
+    gradcam,
+    locking,
+    outputs,
+    tables,
+)
 from cxr_tfdata.progress import Progress
 from tfrecords_builder import imaging
 
-CSV_COLUMNS = ("path", "probability", "label", "error")
+CSV_COLUMNS = ("path", "probability", "calibrated_probability", "label", "error")
+# Headers of CSVs earlier versions wrote: still recognised as cxr-predict's own, so replaceable.
+_EARLIER_CSV_HEADERS = ("path,probability,label,error",)
 PROGRAM = "cxr-predict"
-
-
-# Each reader flag and the cxr-build-tfrecords flag it must repeat (keys of manifest.json "flags").
-_BUILD_FLAG_OF = {"resize": "resize", "record_encoding": "encoding", "jpeg_quality": "jpeg_quality"}
+DEFAULT_THRESHOLD = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,12 +48,7 @@ class RecordSettings:
     jpeg_quality: int = imaging.DEFAULT_JPEG_QUALITY
 
     def __post_init__(self):
-        if self.resize not in imaging.RESIZE_MODES:
-            raise ValueError(f"--resize: must be one of {imaging.RESIZE_MODES}, got {self.resize!r}")
-        if self.record_encoding not in imaging.ENCODINGS:
-            raise ValueError(f"--record_encoding: must be one of {imaging.ENCODINGS}, got {self.record_encoding!r}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"--jpeg_quality: must be in [1, 100], got {self.jpeg_quality}")
+        check_record_flags(self.resize, self.record_encoding, self.jpeg_quality)
 
     @property
     def round_trip_quality(self) -> int | None:
@@ -52,41 +56,74 @@ class RecordSettings:
         return self.jpeg_quality if self.record_encoding == "jpeg" else None
 
 
-def record_settings(data_dir: str = "", *, resize: str | None = None, record_encoding: str | None = None,
-                    jpeg_quality: int | None = None) -> RecordSettings:
-    """The build settings: from `data_dir`'s manifest.json when given, else the values passed.
+def check_record_flags(resize: str | None, record_encoding: str | None, jpeg_quality: int | None) -> None:
+    """Validates the values given (None: not given)."""
+    if resize is not None and resize not in imaging.RESIZE_MODES:
+        raise ValueError(f"--resize: must be one of {imaging.RESIZE_MODES}, got {resize!r}")
+    if record_encoding is not None and record_encoding not in imaging.ENCODINGS:
+        raise ValueError(f"--record_encoding: must be one of {imaging.ENCODINGS}, got {record_encoding!r}")
+    if jpeg_quality is not None and not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"--jpeg_quality: must be in [1, 100], got {jpeg_quality}")
 
-    None means "not given on the command line": the manifest's value, or without a data_dir the
-    builder's default. A given value that contradicts the manifest is an error naming both.
+
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """How to prepare a model's images and read its output: from its contract, a --data_dir and flags."""
+
+    records: RecordSettings
+    threshold: float  # PNEUMONIA when probability >= threshold
+    threshold_source: str
+    temperature: float | None  # calibrated = sigmoid(logit(p) / temperature); None: not calibrated
+    contract: dict | None
+
+    def calibrated(self, probabilities) -> np.ndarray:
+        probabilities = np.asarray(probabilities, np.float64)
+        if self.temperature is None:
+            return probabilities
+        return calibration.apply_temperature(probabilities, self.temperature)
+
+
+def resolve_reading(model: keras.Model, model_path: str, data_dir: str = "", *, resize: str | None = None,
+                    record_encoding: str | None = None, jpeg_quality: int | None = None,
+                    threshold: float | None = None) -> Reading:
+    """The model's contract, then --data_dir's manifest, then the flags given (None: not given).
+
+    A value given two ways must agree, else ValueError naming both. A model without a contract (not
+    written by cxr-train) falls back to the flags or the converter's defaults and labels at 0.5,
+    with a warning: nothing then checks that they match how its records were built.
     """
-    given = {"resize": resize, "record_encoding": record_encoding, "jpeg_quality": jpeg_quality}
-    if not data_dir:
-        return RecordSettings(**{name: value for name, value in given.items() if value is not None})
-    manifest = dataset_info.load(data_dir).manifest
-    path = os.path.join(data_dir, dataset_info.MANIFEST_FILENAME)
-    recorded = {name: (manifest.get("flags") or {}).get(build_name, manifest.get(build_name))
-                for name, build_name in _BUILD_FLAG_OF.items()}
-    if recorded["record_encoding"] == "png" and recorded["jpeg_quality"] is None:
-        recorded["jpeg_quality"] = imaging.DEFAULT_JPEG_QUALITY  # unused by lossless records
-    resolved = {}
-    for name, value in given.items():
-        build_flag = f"cxr-build-tfrecords --{_BUILD_FLAG_OF[name]}"
-        if recorded[name] is None and value is None:
-            raise ValueError(f"--{name}: {path} does not record the {build_flag} of the dataset; pass --{name}")
-        if recorded[name] is not None and value is not None and value != recorded[name]:
-            raise ValueError(f"--{name}={value} contradicts --data_dir: {path} was built with "
-                             f"{build_flag}={recorded[name]}; drop --{name} or pass that value")
-        resolved[name] = recorded[name] if value is None else value
-    return RecordSettings(**resolved)
-
-
-def check_dataset_image_size(model_image_size: int, model_path: str, data_dir: str) -> None:
-    """With --data_dir, the model must take the dataset's image size."""
     from cxr_tfdata import model_io
 
+    check_record_flags(resize, record_encoding, jpeg_quality)
+    model_contract = contract.read(model)
+    dataset, manifest_path = None, ""
     if data_dir:
-        data_size = dataset_info.load(data_dir).image_size
-        model_io.check_image_size(model_image_size, data_size, model_path, data_dir)
+        info = dataset_info.load(data_dir)
+        model_io.check_image_size(model_io.model_image_size(model, model_path), info.image_size, model_path,
+                                  data_dir)
+        dataset = contract.preparation(info.manifest)
+        manifest_path = os.path.join(data_dir, dataset_info.MANIFEST_FILENAME)
+    values = contract.resolve(model_contract, dataset, {"resize": resize, "record_encoding": record_encoding,
+                                                        "jpeg_quality": jpeg_quality, "threshold": threshold},
+                              model_path, manifest_path)
+    if model_contract is None and dataset is None:
+        logging.warning("%s carries no contract (it was not written by cxr-train): its images are prepared with "
+                        "--resize=%s --record_encoding=%s, which must match how its records were built", model_path,
+                        values["resize"] or imaging.DEFAULT_RESIZE, values["record_encoding"] or imaging.DEFAULT_ENCODING)
+    if model_contract is not None and model_contract.get("operating_threshold") is not None:
+        source = contract.describe_threshold(model_contract)
+    elif threshold is not None:
+        source = "--threshold"
+    else:
+        source = f"the default {DEFAULT_THRESHOLD}: {model_path} stores no operating threshold"
+        logging.warning("%s stores no operating threshold: labels at %g (pass --threshold to choose one)",
+                        model_path, DEFAULT_THRESHOLD)
+    records = RecordSettings(values["resize"] or imaging.DEFAULT_RESIZE,
+                             values["record_encoding"] or imaging.DEFAULT_ENCODING,
+                             values["jpeg_quality"] or imaging.DEFAULT_JPEG_QUALITY)
+    temperature = (model_contract or {}).get("temperature")
+    return Reading(records, float(values["threshold"] if values["threshold"] is not None else DEFAULT_THRESHOLD),
+                   source, None if temperature is None else float(temperature), model_contract)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,14 +134,16 @@ class PredictConfig:
     paths: tuple[str, ...]
     output_csv: str = ""  # empty: the CSV goes to stdout
     gradcam_dir: str = ""
-    resize: str = imaging.DEFAULT_RESIZE
-    threshold: float = 0.5
+    # None: not given. The model's contract says how its images are prepared and labelled; a value
+    # given here must agree with it (and with --data_dir's manifest), else the run is refused.
+    resize: str | None = None
+    threshold: float | None = None
     batch_size: int = 32
     # How the training records stored images (the converter's --encoding, --jpeg_quality): the same
     # lossy round trip is applied here, so a source file meets the model as its record did.
-    record_encoding: str = imaging.DEFAULT_ENCODING
-    jpeg_quality: int = imaging.DEFAULT_JPEG_QUALITY
-    data_dir: str = ""  # the training dataset, when given: its image size is checked against the model's
+    record_encoding: str | None = None
+    jpeg_quality: int | None = None
+    data_dir: str = ""  # the training dataset, when given: checked against the model's contract
     max_file_mb: float = imaging.DEFAULT_MAX_FILE_MB
 
     def __post_init__(self):
@@ -114,8 +153,8 @@ class PredictConfig:
             raise ValueError("no image files or folders given (pass them as arguments)")
         if not 0 < self.max_file_mb < 1 << 30:
             raise ValueError(f"--max_file_mb: must be a number of MB in (0, 2^30), got {self.max_file_mb}")
-        RecordSettings(self.resize, self.record_encoding, self.jpeg_quality)  # validates them
-        if not 0.0 <= self.threshold <= 1.0:
+        check_record_flags(self.resize, self.record_encoding, self.jpeg_quality)
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"--threshold: must be in [0, 1], got {self.threshold}")
         if self.batch_size < 1:
             raise ValueError(f"--batch_size: must be >= 1, got {self.batch_size}")
@@ -125,6 +164,7 @@ class PredictConfig:
 class PredictionRow:
     path: str
     probability: float | None = None
+    calibrated_probability: float | None = None  # with the model's temperature (= probability without one)
     label: str = ""
     error: str = ""
     pixels: np.ndarray | None = dataclasses.field(default=None, repr=False)
@@ -192,8 +232,10 @@ def _read_rows(paths: list[str], image_size: int, pad: bool, record_encoding: st
 def predict_rows(model: keras.Model, paths: list[str], image_size: int, pad: bool,
                  threshold: float, batch_size: int, record_encoding: str = "png",
                  jpeg_quality: int = imaging.DEFAULT_JPEG_QUALITY,
-                 max_file_bytes: int = int(imaging.DEFAULT_MAX_FILE_MB * (1 << 20))) -> list[PredictionRow]:
-    """One row per path: probability and class name at `threshold`, or the reason it failed."""
+                 max_file_bytes: int = int(imaging.DEFAULT_MAX_FILE_MB * (1 << 20)),
+                 temperature: float | None = None) -> list[PredictionRow]:
+    """One row per path: probability, calibrated probability (with `temperature`; the probability
+    itself without one) and class name at `threshold`, or the reason it failed."""
     rows = _read_rows(paths, image_size, pad, record_encoding, jpeg_quality, max_file_bytes)
     readable = [row for row in rows if row.pixels is not None]
     progress = Progress(len(readable), "predicted")
@@ -202,8 +244,11 @@ def predict_rows(model: keras.Model, paths: list[str], image_size: int, pad: boo
         probabilities = np.asarray(
             model.predict_on_batch(np.stack([row.pixels for row in batch])), np.float32
         ).reshape(-1)
-        for row, probability in zip(batch, probabilities.tolist(), strict=True):
+        calibrated = probabilities if temperature is None else calibration.apply_temperature(probabilities, temperature)
+        for row, probability, calibrated_probability in zip(batch, probabilities.tolist(), calibrated.tolist(),
+                                                             strict=True):
             row.probability = probability
+            row.calibrated_probability = calibrated_probability
             row.label = features.CLASS_NAMES[int(probability >= threshold)]
         progress.advance(len(batch))
     return rows
@@ -212,13 +257,17 @@ def predict_rows(model: keras.Model, paths: list[str], image_size: int, pad: boo
 def rows_to_csv(rows: list[PredictionRow]) -> str:
     """The CSV document; text cells a spreadsheet would run as formulas start with a single quote."""
     return tables.csv_text(CSV_COLUMNS, (
-        [row.path, "" if row.probability is None else f"{row.probability:.9g}", row.label, row.error]
+        [row.path, _number(row.probability), _number(row.calibrated_probability), row.label, row.error]
         for row in rows))
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.9g}"
 
 
 def is_prediction_csv(path: str) -> bool:
     """True for a CSV that cxr-predict wrote (recognised by its header line)."""
-    return outputs.first_line(path) == ",".join(CSV_COLUMNS)
+    return outputs.first_line(path) in (",".join(CSV_COLUMNS), *_EARLIER_CSV_HEADERS)
 
 
 def check_outputs(config: PredictConfig) -> None:
@@ -257,17 +306,22 @@ def _predict_locked(config: PredictConfig, stream: io.TextIOBase) -> list[Predic
 
     model = model_io.load_model(config.model_path)
     image_size = model_io.model_image_size(model, config.model_path)
-    check_dataset_image_size(image_size, config.model_path, config.data_dir)
+    reading = resolve_reading(model, config.model_path, config.data_dir, resize=config.resize,
+                              record_encoding=config.record_encoding, jpeg_quality=config.jpeg_quality,
+                              threshold=config.threshold)
     paths = collect_image_paths(config.paths)
     if not paths:
         raise ValueError(f"no image files found in {list(config.paths)}")
-    logging.info("predicting %d file(s) with %s at %d px (labels at threshold %g)", len(paths), config.model_path,
-                 image_size, config.threshold)
-    rows = predict_rows(model, paths, image_size, config.resize == "pad", config.threshold,
-                        config.batch_size, config.record_encoding, config.jpeg_quality,
-                        int(config.max_file_mb * (1 << 20)))
+    records = reading.records
+    logging.info("predicting %d file(s) with %s at %d px (resize %s, records %s); labels at threshold %.4g (%s)",
+                 len(paths), config.model_path, image_size, records.resize, records.record_encoding,
+                 reading.threshold, reading.threshold_source)
+    rows = predict_rows(model, paths, image_size, records.resize == "pad", reading.threshold,
+                        config.batch_size, records.record_encoding, records.jpeg_quality,
+                        int(config.max_file_mb * (1 << 20)), reading.temperature)
     if config.gradcam_dir:
-        gradcam.write_gradcams(model, rows, config.gradcam_dir, config.batch_size)
+        gradcam.write_gradcams(model, rows, config.gradcam_dir, config.batch_size, reading.threshold,
+                               reading.threshold_source, records.resize == "pad", int(config.max_file_mb * (1 << 20)))
     if config.output_csv:
         atomic.write_text(config.output_csv, rows_to_csv(rows))
         failed = sum(1 for row in rows if row.error)

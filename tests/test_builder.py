@@ -14,7 +14,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from cxr_tfdata import dataset_info, features, predict
+from cxr_tfdata import dataset_info, features
 from cxr_tfdata.progress import Progress
 from tests.helpers import REPO_ROOT, SHARED_DATA, assert_quiet, requires_shared_data
 from tfrecords_builder import build, sample, scan, worker, writer
@@ -194,7 +194,10 @@ def test_pad_and_seed_are_recorded_and_carve_out_is_seeded(images, tmp_path):
     again = build.build_dataset(_config(images, tmp_path / "b", resize="pad", seed=1))
     assert first["flags"]["resize"] == "pad" and first["flags"]["seed"] == 1
     # cxr-predict/cxr-export --data_dir read these settings back from the manifest the builder writes.
-    assert predict.record_settings(str(tmp_path / "a")) == predict.RecordSettings("pad", "jpeg", 95)
+    from cxr_tfdata import contract
+
+    assert contract.preparation(dataset_info.load(str(tmp_path / "a")).manifest) == {
+        "image_size": first["image_size"], "resize": "pad", "record_encoding": "jpeg", "jpeg_quality": 95}
     assert first["splits"]["val"]["class_counts"] == again["splits"]["val"]["class_counts"]
     assert sorted(r["filename"] for r in _records(tmp_path / "a", "val")) == sorted(
         r["filename"] for r in _records(tmp_path / "b", "val"))

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from cxr_tfdata import evaluate, export, model_io
+from cxr_tfdata import evaluate, export, model_io, predict
 from tests import eval_fixtures, helpers
 
 # Loads the SavedModel with TensorFlow alone (no cxr_tfdata import: the graph must be self-contained).
@@ -60,7 +60,8 @@ def test_fresh_process_gives_evaluation_probabilities(exported):
         capture_output=True, text=True, timeout=120, env=env, check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "['error', 'probability'] float32 False [b'']"
+    assert result.stdout.strip().splitlines()[-1] == (
+        "['calibrated_probability', 'error', 'label', 'probability'] float32 False [b'']")
     np.testing.assert_allclose(np.load(root / "fresh.npy"), predictions.probabilities, atol=1e-5)
 
 
@@ -114,7 +115,8 @@ def test_existing_export_refused_and_overwrite_replaces_it(setup, tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         export.export_saved_model(model, str(target))
     assert (target / "saved_model.pb").read_bytes() == first
-    export.export_saved_model(model, str(target), overwrite=True, pad=True)
+    padded = predict.resolve_reading(model, str(setup.model_path), resize="pad")
+    export.export_saved_model(model, str(target), padded, overwrite=True)
     described = json.loads((target / "assets" / "cxr_export.json").read_text())
     assert described["resize"] == "pad" and described["written_by"] == "cxr-export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"], "staging directories left behind"

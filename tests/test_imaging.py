@@ -145,8 +145,8 @@ def test_build_settings_have_one_definition_that_every_tool_uses():
     assert options.jpeg_quality == config.jpeg_quality == imaging.DEFAULT_JPEG_QUALITY
     assert options.encoding == config.encoding == imaging.DEFAULT_ENCODING
     assert config.resize == imaging.DEFAULT_RESIZE
-    readers = predict.PredictConfig(model_path="m.keras", paths=("x",))
-    assert (readers.resize, readers.record_encoding, readers.jpeg_quality) == (
+    # A reader given no flag and a model without a contract falls back to the converter's defaults.
+    assert predict.RecordSettings() == predict.RecordSettings(
         imaging.DEFAULT_RESIZE, imaging.DEFAULT_ENCODING, imaging.DEFAULT_JPEG_QUALITY)
 
 

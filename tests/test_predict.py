@@ -73,7 +73,6 @@ def test_jpeg_records_round_trip_gives_the_pixels_the_pipeline_decodes(tmp_path)
     loaded = predict.load_image(str(path), 32, pad=False, record_encoding="jpeg", jpeg_quality=90)
     np.testing.assert_array_equal(loaded, seen_in_training)
     assert not np.array_equal(predict.load_image(str(path), 32, pad=False, record_encoding="png"), loaded)
-    assert predict.PredictConfig(model_path="m.keras", paths=("x",)).record_encoding == "jpeg"
     with pytest.raises(ValueError, match="--record_encoding"):
         predict.PredictConfig(model_path="m.keras", paths=("x",), record_encoding="webp")
 
@@ -132,8 +131,10 @@ def test_gradcam_on_nested_base(setup, model, tmp_path):
     written = gradcam.write_gradcams(model, rows, str(tmp_path / "cams"), batch_size=2)
     assert sorted(p.rsplit("/", 1)[1] for p in written) == [
         "img0_gradcam.png", "img0_gradcam_1.png", "img1_gradcam.png", "img2_gradcam.png"]
-    with Image.open(written[0]) as overlay:
-        assert overlay.mode == "RGB" and overlay.size == (32, 32)
+    # The sources are not on disk: each panel is drawn on the model input, upscaled to be readable.
+    with Image.open(written[0]) as panel:
+        assert panel.mode == "RGB"
+        assert panel.width >= 2 * gradcam.MIN_LONG_SIDE and panel.height > gradcam.MIN_LONG_SIDE
 
 
 def test_gradcam_searches_inside_a_pooled_base():
@@ -180,25 +181,30 @@ def _dataset_manifest(folder, image_size=32, **build_flags) -> str:
 
 
 def test_record_settings_come_from_the_manifest_and_conflicts_are_refused(tmp_path):
+    """A model without a contract: --data_dir's manifest, else the flags given, else the defaults."""
     from tfrecords_builder import imaging
 
+    model = eval_fixtures.tiny_model()
     data_dir = _dataset_manifest(tmp_path / "data", resize="pad", encoding="jpeg", jpeg_quality=80)
     built = predict.RecordSettings(resize="pad", record_encoding="jpeg", jpeg_quality=80)
-    assert predict.record_settings(data_dir) == built
-    assert predict.record_settings(data_dir, resize="pad", record_encoding="jpeg", jpeg_quality=80) == built
+    assert predict.resolve_reading(model, "m.keras", data_dir).records == built
+    assert predict.resolve_reading(model, "m.keras", data_dir, resize="pad", record_encoding="jpeg",
+                                   jpeg_quality=80).records == built
     for given, message in (({"resize": "squash"}, "--resize=squash contradicts --data_dir: .*--resize=pad"),
                            ({"record_encoding": "png"}, "--record_encoding=png contradicts .*--encoding=jpeg"),
                            ({"jpeg_quality": 95}, "--jpeg_quality=95 contradicts .*--jpeg_quality=80")):
         with pytest.raises(ValueError, match=message) as error:
-            predict.record_settings(data_dir, **given)
+            predict.resolve_reading(model, "m.keras", data_dir, **given)
         assert str(tmp_path / "data" / "manifest.json") in str(error.value)
-    # Without --data_dir: what was given, else the builder's defaults.
-    assert predict.record_settings() == predict.RecordSettings(
+    # Without --data_dir: what was given, else the builder's defaults; labels at 0.5.
+    default = predict.resolve_reading(model, "m.keras")
+    assert default.records == predict.RecordSettings(
         imaging.DEFAULT_RESIZE, imaging.DEFAULT_ENCODING, imaging.DEFAULT_JPEG_QUALITY)
-    assert predict.record_settings(resize="pad", record_encoding="png") == predict.RecordSettings(
-        "pad", "png", imaging.DEFAULT_JPEG_QUALITY)
+    assert (default.threshold, default.temperature, default.contract) == (0.5, None, None)
+    assert predict.resolve_reading(model, "m.keras", resize="pad", record_encoding="png").records == (
+        predict.RecordSettings("pad", "png", imaging.DEFAULT_JPEG_QUALITY))
     with pytest.raises(FileNotFoundError, match="manifest.json"):
-        predict.record_settings(str(tmp_path / "not_a_dataset"))
+        predict.resolve_reading(model, "m.keras", str(tmp_path / "not_a_dataset"))
 
 
 def test_data_dir_of_another_image_size_is_refused(setup, tmp_path):

@@ -143,23 +143,19 @@ def run_main(main: Callable, module_name: str, program: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class RecordFlags:
-    """The flags that say how the training records were built (cxr-predict and cxr-export)."""
+    """The flags that say how the training records were built (cxr-predict and cxr-export). A model
+    written by cxr-train carries these values in its contract, so they are only ever checked."""
 
     data_dir: flags.FlagHolder
     resize: flags.FlagHolder
     record_encoding: flags.FlagHolder
     jpeg_quality: flags.FlagHolder
 
-    def settings(self):
-        """predict.RecordSettings from --data_dir's manifest and the flags given explicitly."""
-        from cxr_tfdata import predict
-
-        def given(holder: flags.FlagHolder):
-            return holder.value if holder.present else None
-
-        return predict.record_settings(self.data_dir.value or "", resize=given(self.resize),
-                                       record_encoding=given(self.record_encoding),
-                                       jpeg_quality=given(self.jpeg_quality))
+    def given(self) -> dict:
+        """{resize, record_encoding, jpeg_quality}: the value typed on the command line, else None."""
+        return {name: holder.value if holder.present else None
+                for name, holder in (("resize", self.resize), ("record_encoding", self.record_encoding),
+                                     ("jpeg_quality", self.jpeg_quality))}
 
 
 def define_record_flags(module_name: str) -> RecordFlags:
@@ -172,22 +168,27 @@ def define_record_flags(module_name: str) -> RecordFlags:
     return RecordFlags(
         data_dir=flags.DEFINE_string(
             "data_dir", None,
-            "The dataset the model was trained on (cxr-build-tfrecords --output_dir): --resize, "
-            "--record_encoding and --jpeg_quality are read from its manifest.json, and a conflicting "
-            "value given here is refused. Without it those flags (or their defaults) must match the build.",
+            "Optional: the dataset the model was trained on (cxr-build-tfrecords --output_dir), checked "
+            "against the model: its image size and its build's --resize, --encoding and --jpeg_quality must "
+            "match what the model's contract says.",
             module_name=module_name),
         resize=flags.DEFINE_enum(
-            "resize", imaging.DEFAULT_RESIZE, imaging.RESIZE_MODES,
-            "How images are resized: squash (stretch to a square, the converter's default) or pad (keep "
-            "the aspect ratio on black). Use what the records were built with (cxr-build-tfrecords --resize).",
+            "resize", None, imaging.RESIZE_MODES,
+            "Not needed for a model written by cxr-train (its contract says how its images are resized); "
+            "a value contradicting the contract is refused. For a model without a contract: squash "
+            f"(stretch to a square) or pad (keep the aspect ratio on black); default {imaging.DEFAULT_RESIZE}.",
             module_name=module_name),
         record_encoding=flags.DEFINE_enum(
-            "record_encoding", imaging.DEFAULT_ENCODING, imaging.ENCODINGS,
-            "How the training records stored images (cxr-build-tfrecords --encoding): with jpeg each "
-            "resized image goes through the same JPEG round trip, so a source file meets the model as "
-            "its record did.",
+            "record_encoding", None, imaging.ENCODINGS,
+            "Not needed for a model written by cxr-train; a contradicting value is refused. For a model "
+            "without a contract: how its training records stored images (cxr-build-tfrecords --encoding); "
+            "with jpeg each resized image goes through the same JPEG round trip, so a source file meets "
+            f"the model as its record did. Default {imaging.DEFAULT_ENCODING}.",
             module_name=module_name),
         jpeg_quality=flags.DEFINE_integer(
-            "jpeg_quality", imaging.DEFAULT_JPEG_QUALITY, "cxr-build-tfrecords --jpeg_quality of the records.",
+            "jpeg_quality", None,
+            "Not needed for a model written by cxr-train; a contradicting value is refused. For a model "
+            f"without a contract: cxr-build-tfrecords --jpeg_quality of its records (default "
+            f"{imaging.DEFAULT_JPEG_QUALITY}).",
             module_name=module_name),
     )

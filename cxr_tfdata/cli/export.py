@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from absl import app, flags
 
 from cxr_tfdata.cli import define_record_flags, run_main
@@ -13,6 +15,10 @@ _OVERWRITE = flags.DEFINE_bool(
     "Replace an existing --output_dir; only a SavedModel written by cxr-export that holds nothing else is "
     "replaced, any other folder is refused.")
 _RECORDS = define_record_flags(__name__)
+_THRESHOLD = flags.DEFINE_float(
+    "threshold", None,
+    "The serving label's threshold. Default: the operating threshold the model stores (chosen by cxr-train on "
+    "val), or 0.5 for a model without one; a value contradicting the stored one is refused.")
 
 
 def main(argv):
@@ -20,16 +26,16 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from cxr_tfdata import export
 
-    settings = _RECORDS.settings()
     config = export.ExportConfig(
         model_path=_MODEL.value or "", output_dir=_OUTPUT_DIR.value or "", overwrite=_OVERWRITE.value,
-        resize=settings.resize, record_encoding=settings.record_encoding,
-        jpeg_quality=settings.jpeg_quality, data_dir=_RECORDS.data_dir.value or "",
+        threshold=_THRESHOLD.value, data_dir=_RECORDS.data_dir.value or "", **_RECORDS.given(),
     )
     path = export.export(config)
     print(f"Wrote SavedModel to {path}: signature {export.SIGNATURE_KEY!r} takes {export.INPUT_KEY!r} "
-          f"(tf.string [None], JPEG or PNG bytes) and returns {export.OUTPUT_KEY!r} (float32 [None], NaN for "
-          f"a refused image) and {export.ERROR_KEY!r} (tf.string [None], why it was refused).")
+          f"(tf.string [None], JPEG or PNG bytes) and returns {export.OUTPUT_KEY!r} and "
+          f"{export.CALIBRATED_KEY!r} (float32 [None], NaN for a refused image), {export.LABEL_KEY!r} (tf.string "
+          f"[None], the class at the model's operating threshold) and {export.ERROR_KEY!r} (tf.string [None], "
+          f"why an image was refused). Its contract: {os.path.join(path, 'assets', export.DESCRIPTION_ASSET)}")
     return 0
 
 
