@@ -1,6 +1,10 @@
 """Calibration of a sigmoid classifier: temperature scaling, and how calibrated probabilities are.
 
-Temperature scaling (Guo et al. 2017) divides the model's logit by one scalar T > 0 fitted on val by
+calibrated = sigmoid(logit(p) / T + s). The shift s is not fitted: it undoes the known prior shift of
+training with class weights or balanced sampling (`prior_logit_shift`), which temperature alone
+cannot (it has no intercept) and which otherwise leaves every probability biased towards the class
+the loss favoured; it applies after the temperature, since an over- or underconfident model scales
+the logit it learned, the reweighted one. Temperature scaling (Guo et al. 2017) divides the model's logit by one scalar T > 0 fitted on val by
 minimising the negative log-likelihood: it changes no ranking (ROC-AUC, and a threshold's labels,
 are the same) and brings predicted probabilities closer to observed frequencies. Fitted on a = 1/T,
 where NLL(a) = mean(softplus(a z) - y a z) is convex (a one-feature logistic regression without a
@@ -39,9 +43,27 @@ def sigmoid(z) -> np.ndarray:
     return np.exp(-np.logaddexp(0.0, -np.asarray(z, np.float64)))
 
 
-def apply_temperature(probabilities, temperature: float) -> np.ndarray:
-    """sigmoid(logit(p) / T): the calibrated probabilities."""
-    return sigmoid(logit(probabilities) / temperature)
+def apply_temperature(probabilities, temperature: float, logit_shift: float = 0.0) -> np.ndarray:
+    """sigmoid(logit(p) / T + logit_shift): the calibrated probabilities."""
+    return sigmoid(logit(probabilities) / temperature + logit_shift)
+
+
+def prior_logit_shift(class_weights: dict[int, float] | None, class_counts: dict[str, int] | None,
+                      balanced_sampling: bool) -> float:
+    """What training with reweighted classes added to the model's logit, to be taken off again.
+
+    A loss weighting class c by w_c is minimised by q = w1 p / (w1 p + w0 (1 - p)), i.e.
+    logit(q) = logit(p) + log(w1 / w0): the model learns the posterior under other class priors.
+    Balanced sampling does the same with w_c = 1 / (share of c). The shift returned, log(w0 / w1),
+    brings the logit back to the train split's own prevalence; 0 when training did not reweight.
+    """
+    if class_weights:
+        return float(math.log(class_weights[0] / class_weights[1]))
+    if balanced_sampling and class_counts:
+        normal, pneumonia = int(class_counts.get("NORMAL", 0)), int(class_counts.get("PNEUMONIA", 0))
+        if normal > 0 and pneumonia > 0:
+            return float(math.log(pneumonia / normal))
+    return 0.0
 
 
 def _checked(labels, probabilities) -> tuple[np.ndarray, np.ndarray]:
@@ -101,8 +123,9 @@ class TemperatureFit:
     nll_after: float
 
 
-def fit_temperature(labels, probabilities, tolerance: float = 1e-12, max_iterations: int = 100) -> TemperatureFit:
-    """The T minimising the mean NLL of sigmoid(logit(p) / T) on (labels, probabilities).
+def fit_temperature(labels, probabilities, logit_shift: float = 0.0, tolerance: float = 1e-12,
+                    max_iterations: int = 100) -> TemperatureFit:
+    """The T minimising the mean NLL of sigmoid(logit(p) / T + logit_shift) on (labels, probabilities).
 
     Raises ValueError for a set that cannot determine T: one class only, or every p = 0.5.
     """
@@ -114,7 +137,7 @@ def fit_temperature(labels, probabilities, tolerance: float = 1e-12, max_iterati
         raise ValueError("every probability is 0.5: no temperature changes anything")
 
     def derivatives(a: float) -> tuple[float, float]:
-        s = sigmoid(a * z)
+        s = sigmoid(a * z + logit_shift)
         return float(np.mean((s - labels) * z)), float(np.mean(s * (1.0 - s) * z * z))
 
     low, high = 1.0 / MAX_TEMPERATURE, 1.0 / MIN_TEMPERATURE
@@ -136,4 +159,4 @@ def fit_temperature(labels, probabilities, tolerance: float = 1e-12, max_iterati
             a = step if low < step < high else math.sqrt(low * high)
     temperature = 1.0 / a
     return TemperatureFit(temperature, at_bound, nll(labels, probabilities),
-                          nll(labels, apply_temperature(probabilities, temperature)))
+                          nll(labels, apply_temperature(probabilities, temperature, logit_shift)))

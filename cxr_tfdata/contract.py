@@ -8,7 +8,7 @@ user of the model needs and could otherwise get wrong:
   dataset_fingerprint                                  which dataset it was trained on
   operating_threshold, target_recall, threshold_chosen_on
                                                        the label rule, chosen on val after training
-  temperature, calibration                             temperature scaling fitted on val
+  temperature, logit_shift, calibration                calibrated = sigmoid(logit(p) / temperature + logit_shift)
   training                                             the run's settings (cxr-train's config.json)
 cxr-train writes the preparation part into every model it saves and adds the threshold and the
 temperature when a stage ends. cxr-predict, cxr-export and cxr-evaluate read it, so a model copied
@@ -94,6 +94,7 @@ def for_dataset(manifest: dict[str, Any], fingerprint: str, training: dict[str, 
         "target_recall": None,
         "threshold_chosen_on": None,
         "temperature": None,
+        "logit_shift": None,
         "calibration": None,
         "training": training,
     }

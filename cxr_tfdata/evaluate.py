@@ -31,6 +31,7 @@ from cxr_tfdata import (
     dataset_info,
     features,
     locking,
+    model_card,
     model_io,
     outputs,
     tables,
@@ -39,7 +40,7 @@ from cxr_tfdata import config as config_lib
 from cxr_tfdata import contract as contract_lib
 from cxr_tfdata.progress import Progress
 
-HEADLINE_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
+HEADLINE_METRICS = model_card.HEADLINE_METRICS
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_TARGET_RECALL = 0.95
 CONFIDENCE = 0.95
@@ -401,11 +402,13 @@ def stored_threshold(model_contract: dict[str, Any] | None) -> dict[str, Any] | 
 def calibration_block(predictions: SplitPredictions, model_contract: dict[str, Any] | None,
                       val_predictions: SplitPredictions | None, val_split: str) -> dict[str, Any]:
     """Raw and calibrated ECE, Brier and NLL on the evaluated images, with the reliability diagram
-    bins of both. The temperature is the model's; a model without one gets one fitted on val here
-    (said so), or none (then "calibrated" is None)."""
+    bins of both. The temperature (and logit shift) are the model's; a model without them gets a
+    temperature fitted on val here (said so), or none (then "calibrated" is None)."""
     temperature, source = None, "none: the model stores no temperature and no val split was available"
+    logit_shift = 0.0
     if model_contract and model_contract.get("temperature") is not None:
         temperature = float(model_contract["temperature"])
+        logit_shift = float(model_contract.get("logit_shift") or 0.0)
         source = f"stored in the model (fitted by cxr-train on {(model_contract.get('calibration') or {}).get('fitted_on', 'val')})"
     elif val_predictions is not None:
         try:
@@ -414,11 +417,12 @@ def calibration_block(predictions: SplitPredictions, model_contract: dict[str, A
         except ValueError as e:
             source = f"none: split {val_split!r} cannot determine one ({e})"
     labels, raw = predictions.labels, predictions.probabilities
-    calibrated = None if temperature is None else calibration.apply_temperature(raw, temperature)
+    calibrated = None if temperature is None else calibration.apply_temperature(raw, temperature, logit_shift)
     return {
         "ece_bins": calibration.ECE_BINS,
         "ece_definition": calibration.ECE_DEFINITION,
         "temperature": temperature,
+        "logit_shift": logit_shift,
         "temperature_source": source,
         "raw": calibration.summary(labels, raw),
         "calibrated": None if calibrated is None else calibration.summary(labels, calibrated),
@@ -428,11 +432,11 @@ def calibration_block(predictions: SplitPredictions, model_contract: dict[str, A
 
 
 def calibrated_probabilities(predictions: SplitPredictions, metrics: dict[str, Any]) -> np.ndarray:
-    """The evaluated images' probabilities with the report's temperature (raw ones without one)."""
-    temperature = metrics["calibration"]["temperature"]
-    if temperature is None:
+    """The evaluated images' probabilities calibrated as the report says (raw ones without a temperature)."""
+    block = metrics["calibration"]
+    if block["temperature"] is None:
         return np.asarray(predictions.probabilities, np.float64)
-    return calibration.apply_temperature(predictions.probabilities, temperature)
+    return calibration.apply_temperature(predictions.probabilities, block["temperature"], block.get("logit_shift") or 0.0)
 
 
 PREDICTIONS_COLUMNS = ("filename", "patient_id", "label", "probability", "calibrated_probability",
@@ -530,7 +534,7 @@ def claimed_output_dir(config: EvaluateConfig):
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """Runs the model over the split (or the image folder) and writes metrics.json, report.md, the
     plots, predictions.csv, MODEL_CARD.md and model_card.json."""
-    from cxr_tfdata import model_card, plots
+    from cxr_tfdata import plots
 
     config = dataclasses.replace(config, output_dir=outputs.canonical(config.output_dir))
     checked = _check_inputs(config)
@@ -582,17 +586,6 @@ def _source(config: EvaluateConfig, checked: _Inputs, excluded: list[Excluded]) 
             "same_dataset_as_training": None if trained_on is None else trained_on == checked.info.fingerprint}
 
 
-_METRIC_LABELS = {
-    "accuracy": "Accuracy",
-    "precision": "Precision (PPV)",
-    "recall": "Recall (sensitivity)",
-    "specificity": "Specificity",
-    "f1": "F1",
-    "roc_auc": "ROC-AUC",
-    "pr_auc": "PR-AUC (average precision)",
-}
-
-
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
@@ -611,7 +604,7 @@ def summary_table(metrics: dict[str, Any]) -> str:
     ]
     for key in HEADLINE_METRICS:
         lines.append(
-            f"| {_METRIC_LABELS[key]} | {_fmt(half[key])} | {_fmt_ci(half['ci'].get(key))} "
+            f"| {model_card.METRIC_LABELS[key]} | {_fmt(half[key])} | {_fmt_ci(half['ci'].get(key))} "
             f"| {_fmt(op[key])} | {_fmt_ci(op['ci'].get(key))} |"
         )
     lines.append(f"| n | {half['n']} | | {op['n']} | |")
@@ -660,8 +653,10 @@ def calibration_text(metrics: dict[str, Any]) -> str:
     block = metrics["calibration"]
     raw, calibrated = block["raw"], block["calibrated"]
     lines = [
-        f"Temperature: {_fmt(block['temperature'])} ({block['temperature_source']}). Calibrated probability = "
-        "sigmoid(logit(p) / temperature): the ranking, the AUCs and every label are unchanged.",
+        f"Temperature: {_fmt(block['temperature'])} ({block['temperature_source']}); logit shift "
+        f"{_fmt(block.get('logit_shift'))} (undoes the prior shift of class-reweighted training). Calibrated "
+        "probability = sigmoid(logit(p) / temperature + logit shift): the ranking, the AUCs and every label "
+        "are unchanged.",
         "",
         "| Probabilities | ECE | Brier | NLL |",
         "|---|---|---|---|",

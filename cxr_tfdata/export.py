@@ -204,19 +204,19 @@ def _header_sizes(image_bytes: tf.Tensor, count: tf.Tensor, index: tf.Tensor):
     return is_jpeg, is_png, (is_jpeg & jpeg_ok) | is_png, hw
 
 
-def _calibrated(probability: tf.Tensor, temperature: float | None) -> tf.Tensor:
+def _calibrated(probability: tf.Tensor, temperature: float | None, logit_shift: float = 0.0) -> tf.Tensor:
     """calibration.apply_temperature in-graph, in float64 as there (NaN stays NaN)."""
     if temperature is None:
         return probability
     p = tf.clip_by_value(tf.cast(probability, tf.float64), calibration.PROBABILITY_EPSILON,
                          1.0 - calibration.PROBABILITY_EPSILON)
     logit = tf.math.log(p) - tf.math.log1p(-p)
-    return tf.cast(tf.sigmoid(logit / temperature), tf.float32)
+    return tf.cast(tf.sigmoid(logit / temperature + logit_shift), tf.float32)
 
 
 def serving_function(model: keras.Model, image_size: int, pad: bool = False, jpeg_quality: int | None = None,
                      max_pixels: int = imaging.MAX_IMAGE_PIXELS, threshold: float = predict.DEFAULT_THRESHOLD,
-                     temperature: float | None = None):
+                     temperature: float | None = None, logit_shift: float = 0.0):
     """The serving computation: a batch of encoded images -> {"probability": float32 [N] (NaN where
     the image was refused), "calibrated_probability": float32 [N], "label": string [N] (class name at
     `threshold`, "" where refused), "error": string [N] ("" where it was scored)}."""
@@ -257,7 +257,7 @@ def serving_function(model: keras.Model, image_size: int, pad: bool = False, jpe
         # Compared in float64, as cxr-predict compares: a float32 threshold could round either way.
         positive = tf.cast(probability, tf.float64) >= tf.constant(threshold, tf.float64)
         label = tf.where(is_scored, tf.where(positive, features.CLASS_NAMES[1], features.CLASS_NAMES[0]), "")
-        return {OUTPUT_KEY: probability, CALIBRATED_KEY: _calibrated(probability, temperature),
+        return {OUTPUT_KEY: probability, CALIBRATED_KEY: _calibrated(probability, temperature, logit_shift),
                 LABEL_KEY: label, ERROR_KEY: error}
 
     return serve
@@ -274,12 +274,12 @@ class ServingModule(tf.Module):
 
     def __init__(self, model: keras.Model, pad: bool = False, jpeg_quality: int | None = None,
                  description_path: str | None = None, threshold: float = predict.DEFAULT_THRESHOLD,
-                 temperature: float | None = None):
+                 temperature: float | None = None, logit_shift: float = 0.0):
         super().__init__(name="cxr_serving")
         self.image_size = model_io.model_image_size(model)
         self.serve = tf.function(
             serving_function(model, self.image_size, pad, jpeg_quality, threshold=threshold,
-                             temperature=temperature),
+                             temperature=temperature, logit_shift=logit_shift),
             input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_KEY)],
         )
         self.captured_variables = list(self.serve.get_concrete_function().variables)
@@ -297,8 +297,9 @@ def description(image_size: int, reading: predict.Reading, model_path: str = "")
         "signature": SIGNATURE_KEY,
         "input": {INPUT_KEY: "tf.string [None]: encoded JPEG or PNG bytes, any size, gray or colour"},
         "outputs": {OUTPUT_KEY: "float32 [None]: probability of PNEUMONIA; NaN where the image was refused",
-                    CALIBRATED_KEY: "float32 [None]: the probability with the temperature below applied "
-                                    "(sigmoid(logit(p) / temperature)); equal to probability without one",
+                    CALIBRATED_KEY: "float32 [None]: the probability calibrated with the values below, "
+                                    "sigmoid(logit(p) / temperature + logit_shift); equal to probability "
+                                    "without a temperature",
                     LABEL_KEY: "string [None]: PNEUMONIA when probability >= operating_threshold, else NORMAL; "
                                "empty where the image was refused",
                     ERROR_KEY: "string [None]: why the image was refused; empty where it was scored"},
@@ -309,6 +310,7 @@ def description(image_size: int, reading: predict.Reading, model_path: str = "")
         "operating_threshold": reading.threshold,
         "threshold_source": reading.threshold_source,
         "temperature": reading.temperature,
+        "logit_shift": reading.logit_shift,
         "class_names": list(features.CLASS_NAMES),
         "max_image_pixels": imaging.MAX_IMAGE_PIXELS,
         "contract": reading.contract,
@@ -354,7 +356,7 @@ def export_saved_model(model: keras.Model, output_dir: str, reading: predict.Rea
                 json.dump(description(model_io.model_image_size(model), reading, model_path), f,
                           indent=2, sort_keys=True)
             module = ServingModule(model, reading.records.resize == "pad", reading.records.round_trip_quality,
-                                   asset, reading.threshold, reading.temperature)
+                                   asset, reading.threshold, reading.temperature, reading.logit_shift)
             saved = os.path.join(staging, "saved_model")
             tf.saved_model.save(module, saved, signatures={SIGNATURE_KEY: module.serve})
             folder_swap.swap_into_place(saved, output_dir)
@@ -373,8 +375,10 @@ def export(config: ExportConfig) -> str:
     reading = predict.resolve_reading(model, config.model_path, config.data_dir, resize=config.resize,
                                       record_encoding=config.record_encoding, jpeg_quality=config.jpeg_quality,
                                       threshold=config.threshold)
-    logging.info("exporting %s to %s (%d px, resize %s, records %s; labels at %.4g: %s; temperature %s)",
+    calibrated = ("no calibration stored" if reading.temperature is None else
+                  f"calibration: temperature {reading.temperature:.4g}, logit shift {reading.logit_shift:.4g}")
+    logging.info("exporting %s to %s (%d px, resize %s, records %s; labels at %.4g: %s; %s)",
                  config.model_path, config.output_dir, image_size, reading.records.resize,
-                 reading.records.record_encoding, reading.threshold, reading.threshold_source, reading.temperature)
+                 reading.records.record_encoding, reading.threshold, reading.threshold_source, calibrated)
     return export_saved_model(model, config.output_dir, reading, config.overwrite, model_path=config.model_path,
                               data_dir=config.data_dir)

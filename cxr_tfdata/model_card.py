@@ -318,9 +318,13 @@ def _calibration_section(metrics: dict, contract: dict | None) -> dict[str, Any]
                   "not stored: the model's training stage fitted no temperature") + (
                       "; probabilities are the model's raw sigmoid outputs")
     bins = measured.get("ece_bins") or fit.get("ece_bins")
+    logit_shift = _number(measured.get("logit_shift"))
+    if logit_shift is None:
+        logit_shift = _number((contract or {}).get("logit_shift"))
     return {
         "temperature": temperature,
         "temperature_source": source,
+        "logit_shift": logit_shift,
         "method": fit.get("method"),
         "fitted_on": fit.get("fitted_on"),
         "temperature_at_search_bound": fit.get("temperature_at_search_bound"),
@@ -656,7 +660,8 @@ def _md_calibration(section: dict) -> str:
     lines = [
         "## Calibration",
         "",
-        f"- Temperature: {_fmt(section['temperature'])} ({_cell(section['temperature_source'])})",
+        f"- Temperature: {_fmt(section['temperature'])} ({_cell(section['temperature_source'])}); logit "
+        f"shift: {_fmt(section.get('logit_shift'))} (undoes the prior shift of class-reweighted training)",
         f"- Method: {_plain(section['method'])}; fitted on: {_plain(section['fitted_on'])}; at the "
         f"search bound: {_plain(section['temperature_at_search_bound'])}",
         f"- ECE binning: {section['ece_definition']}",

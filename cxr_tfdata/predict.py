@@ -73,14 +73,9 @@ class Reading:
     records: RecordSettings
     threshold: float  # PNEUMONIA when probability >= threshold
     threshold_source: str
-    temperature: float | None  # calibrated = sigmoid(logit(p) / temperature); None: not calibrated
+    temperature: float | None  # calibrated = sigmoid(logit(p) / temperature + logit_shift); None: not calibrated
+    logit_shift: float
     contract: dict | None
-
-    def calibrated(self, probabilities) -> np.ndarray:
-        probabilities = np.asarray(probabilities, np.float64)
-        if self.temperature is None:
-            return probabilities
-        return calibration.apply_temperature(probabilities, self.temperature)
 
 
 def resolve_reading(model: keras.Model, model_path: str, data_dir: str = "", *, resize: str | None = None,
@@ -123,7 +118,8 @@ def resolve_reading(model: keras.Model, model_path: str, data_dir: str = "", *, 
                              values["jpeg_quality"] or imaging.DEFAULT_JPEG_QUALITY)
     temperature = (model_contract or {}).get("temperature")
     return Reading(records, float(values["threshold"] if values["threshold"] is not None else DEFAULT_THRESHOLD),
-                   source, None if temperature is None else float(temperature), model_contract)
+                   source, None if temperature is None else float(temperature),
+                   float((model_contract or {}).get("logit_shift") or 0.0), model_contract)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,9 +229,10 @@ def predict_rows(model: keras.Model, paths: list[str], image_size: int, pad: boo
                  threshold: float, batch_size: int, record_encoding: str = "png",
                  jpeg_quality: int = imaging.DEFAULT_JPEG_QUALITY,
                  max_file_bytes: int = int(imaging.DEFAULT_MAX_FILE_MB * (1 << 20)),
-                 temperature: float | None = None) -> list[PredictionRow]:
-    """One row per path: probability, calibrated probability (with `temperature`; the probability
-    itself without one) and class name at `threshold`, or the reason it failed."""
+                 temperature: float | None = None, logit_shift: float = 0.0) -> list[PredictionRow]:
+    """One row per path: probability, calibrated probability (with `temperature` and `logit_shift`;
+    the probability itself without a temperature) and class name at `threshold`, or the reason it
+    failed."""
     rows = _read_rows(paths, image_size, pad, record_encoding, jpeg_quality, max_file_bytes)
     readable = [row for row in rows if row.pixels is not None]
     progress = Progress(len(readable), "predicted")
@@ -244,7 +241,8 @@ def predict_rows(model: keras.Model, paths: list[str], image_size: int, pad: boo
         probabilities = np.asarray(
             model.predict_on_batch(np.stack([row.pixels for row in batch])), np.float32
         ).reshape(-1)
-        calibrated = probabilities if temperature is None else calibration.apply_temperature(probabilities, temperature)
+        calibrated = (probabilities if temperature is None else
+                      calibration.apply_temperature(probabilities, temperature, logit_shift))
         for row, probability, calibrated_probability in zip(batch, probabilities.tolist(), calibrated.tolist(),
                                                              strict=True):
             row.probability = probability
@@ -318,10 +316,12 @@ def _predict_locked(config: PredictConfig, stream: io.TextIOBase) -> list[Predic
                  reading.threshold, reading.threshold_source)
     rows = predict_rows(model, paths, image_size, records.resize == "pad", reading.threshold,
                         config.batch_size, records.record_encoding, records.jpeg_quality,
-                        int(config.max_file_mb * (1 << 20)), reading.temperature)
+                        int(config.max_file_mb * (1 << 20)), reading.temperature, reading.logit_shift)
     if config.gradcam_dir:
-        gradcam.write_gradcams(model, rows, config.gradcam_dir, config.batch_size, reading.threshold,
-                               reading.threshold_source, records.resize == "pad", int(config.max_file_mb * (1 << 20)))
+        written = gradcam.write_gradcams(model, rows, config.gradcam_dir, config.batch_size, reading.threshold,
+                                         reading.threshold_source, records.resize == "pad",
+                                         int(config.max_file_mb * (1 << 20)))
+        logging.info("wrote %d Grad-CAM image(s) to %s", len(written), config.gradcam_dir)
     if config.output_csv:
         atomic.write_text(config.output_csv, rows_to_csv(rows))
         failed = sum(1 for row in rows if row.error)

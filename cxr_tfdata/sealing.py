@@ -4,7 +4,8 @@ written into the best model's contract (contract.py).
 `fit_on_val` is the rule, on val labels and probabilities (NumPy only):
   * operating threshold: the highest threshold whose val recall is >= target_recall
     (evaluate.choose_operating_threshold, the rule cxr-evaluate applies);
-  * temperature: the scalar T minimising val NLL of sigmoid(logit(p) / T) (calibration.py).
+  * temperature: the scalar T minimising val NLL of sigmoid(logit(p) / T + s), where s undoes the
+    prior shift of class-reweighted training (calibration.py; s is given, not fitted).
 `seal` runs the model over val and stores both, with the val figures that justify them.
 """
 
@@ -20,21 +21,26 @@ from cxr_tfdata import calibration, contract, dataset_info, evaluate
 EVAL_BATCH_SIZE = 32
 
 
-def fit_on_val(labels: np.ndarray, probabilities: np.ndarray, target_recall: float, split: str) -> dict[str, Any]:
+def fit_on_val(labels: np.ndarray, probabilities: np.ndarray, target_recall: float, split: str,
+               logit_shift: float = 0.0) -> dict[str, Any]:
     """The contract entries fitted on one split's predictions (raises ValueError when that split
     cannot determine them: no PNEUMONIA image, or a single class)."""
     threshold = evaluate.choose_operating_threshold(labels, probabilities, target_recall)
     at_threshold = evaluate.binary_metrics(labels, probabilities, threshold)
-    fit = calibration.fit_temperature(labels, probabilities)
-    calibrated = calibration.apply_temperature(probabilities, fit.temperature)
+    fit = calibration.fit_temperature(labels, probabilities, logit_shift)
+    calibrated = calibration.apply_temperature(probabilities, fit.temperature, logit_shift)
     return {
         "operating_threshold": threshold,
         "target_recall": target_recall,
         "threshold_chosen_on": split,
         "threshold_val_metrics": {key: at_threshold[key] for key in ("recall", "specificity", "precision", "n")},
         "temperature": fit.temperature,
+        "logit_shift": logit_shift,
         "calibration": {
-            "method": "temperature scaling (one scalar dividing the logit, fitted by minimising NLL)",
+            "method": ("sigmoid(logit(p) / temperature + logit_shift): logit_shift undoes the prior shift of "
+                       "class-reweighted training (computed from the class weights, not fitted); the "
+                       "temperature is temperature scaling, one scalar fitted by minimising NLL"),
+            "logit_shift": logit_shift,
             "fitted_on": split,
             "temperature_at_search_bound": fit.at_bound,
             "ece_bins": calibration.ECE_BINS,
@@ -44,14 +50,15 @@ def fit_on_val(labels: np.ndarray, probabilities: np.ndarray, target_recall: flo
     }
 
 
-def seal(model, data_dir: str, info: dataset_info.DatasetInfo, target_recall: float, split: str = "val") -> dict[str, Any]:
+def seal(model, data_dir: str, info: dataset_info.DatasetInfo, target_recall: float, split: str = "val",
+         logit_shift: float = 0.0) -> dict[str, Any]:
     """Runs `model` (float32, with a contract) over `split` and stores the threshold and the
     temperature in its contract; returns the stored entries ({} when the split cannot determine
     them, which is logged: the model then labels at 0.5 and reports raw probabilities)."""
     image_size = int(model.inputs[0].shape[1])
     predictions = evaluate.predict_split(model, data_dir, split, image_size, EVAL_BATCH_SIZE, info)
     try:
-        values = fit_on_val(predictions.labels, predictions.probabilities, target_recall, split)
+        values = fit_on_val(predictions.labels, predictions.probabilities, target_recall, split, logit_shift)
     except ValueError as e:
         logging.warning("No operating threshold or temperature stored: split %s cannot determine them (%s)",
                         split, e)
@@ -59,8 +66,9 @@ def seal(model, data_dir: str, info: dataset_info.DatasetInfo, target_recall: fl
     contract.update(model, **values)
     cal = values["calibration"]
     logging.info(
-        "Operating threshold %.4g (val recall %.4f >= %g, specificity %.4f); temperature %.4g (val NLL %.4f -> "
-        "%.4f, ECE %.4f -> %.4f)", values["operating_threshold"], values["threshold_val_metrics"]["recall"],
-        target_recall, values["threshold_val_metrics"]["specificity"], values["temperature"], cal["raw"]["nll"],
+        "Operating threshold %.4g (val recall %.4f >= %g, specificity %.4f); calibration: logit shift %.4g, "
+        "temperature %.4g (val NLL %.4f -> %.4f, ECE %.4f -> %.4f)", values["operating_threshold"],
+        values["threshold_val_metrics"]["recall"], target_recall, values["threshold_val_metrics"]["specificity"],
+        logit_shift, values["temperature"], cal["raw"]["nll"],
         cal["calibrated"]["nll"], cal["raw"]["ece"], cal["calibrated"]["ece"])
     return values

@@ -24,6 +24,7 @@ from absl import logging
 
 from cxr_tfdata import (
     atomic,
+    calibration,
     dataset_info,
     distribute,
     features,
@@ -209,20 +210,23 @@ def run_stage(config: TrainConfig, stage: StageConfig, placement: distribute.Pla
     runner.run(iter(train), steps, val, val_steps, global_batch)
     sealed = {}
     if placement.is_chief and runner.best_weights is not None:
-        sealed = _seal_best_model(config, paths, export_model, runner.best_weights, info)
+        sealed = _seal_best_model(config, paths, export_model, runner.best_weights, info, class_weights)
     return runner.finish(val, val_steps, steps, time.monotonic() - started, extra=sealed)
 
 
 def _seal_best_model(config: TrainConfig, paths: run_dir.StagePaths, export_model: keras.Model,
-                     best_weights, info: dataset_info.DatasetInfo) -> dict[str, Any]:
+                     best_weights, info: dataset_info.DatasetInfo,
+                     class_weights: dict[int, float] | None) -> dict[str, Any]:
     """The stage's best model gains its operating threshold and temperature (fitted on val) and is
     saved again, atomically, before the stage is marked complete: a run killed here redoes this."""
     export_model.set_weights(best_weights)
-    values = sealing.seal(export_model, config.data.data_dir, info, config.target_recall)
+    logit_shift = calibration.prior_logit_shift(class_weights, info.class_counts("train"),
+                                                config.data.balanced_sampling)
+    values = sealing.seal(export_model, config.data.data_dir, info, config.target_recall, logit_shift=logit_shift)
     if values:
         atomic.write_with(paths.best_model, export_model.save, suffix=".keras")
         logging.info("Stage %s: stored them in %s", paths.stage, paths.best_model)
-    return {key: values[key] for key in ("operating_threshold", "temperature") if key in values}
+    return {key: values[key] for key in ("operating_threshold", "temperature", "logit_shift") if key in values}
 
 
 def _check_weights_before_data(config: TrainConfig) -> None:

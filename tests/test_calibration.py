@@ -88,3 +88,34 @@ def test_sealing_rule_on_val_predictions():
     assert values["temperature"] == pytest.approx(calibration.fit_temperature(labels, probabilities).temperature)
     with pytest.raises(ValueError):
         sealing.fit_on_val(np.zeros(4, np.int64), np.full(4, 0.3, np.float32), 0.95, "val")
+
+
+def test_the_logit_shift_undoes_class_reweighting():
+    """A loss weighting the classes w0, w1 is minimised by q = w1 p / (w1 p + w0 (1 - p)); the shift
+    takes q back to p exactly, for class weights and for balanced sampling alike."""
+    from cxr_tfdata import train
+
+    counts = {"NORMAL": 1341, "PNEUMONIA": 3875}
+    weights = train.class_weights_from_counts(counts)
+    p = np.linspace(0.01, 0.99, 99)
+    q = weights[1] * p / (weights[1] * p + weights[0] * (1 - p))
+    shift = calibration.prior_logit_shift(weights, counts, balanced_sampling=False)
+    np.testing.assert_allclose(calibration.apply_temperature(q, 1.0, shift), p, atol=1e-12)
+    assert calibration.prior_logit_shift(None, counts, balanced_sampling=True) == pytest.approx(shift)
+    assert calibration.prior_logit_shift(None, counts, balanced_sampling=False) == 0.0
+
+
+def test_shift_and_temperature_calibrate_a_reweighted_overconfident_model():
+    """Labels at 75% prevalence; a model trained with balancing class weights, and overconfident:
+    temperature alone cannot remove the bias, the shift and the temperature together do."""
+    rng = np.random.default_rng(3)
+    z = rng.normal(1.1, 2.0, 6000)
+    labels = (rng.random(z.size) < calibration.sigmoid(z)).astype(np.int64)
+    counts = {"NORMAL": int((labels == 0).sum()), "PNEUMONIA": int((labels == 1).sum())}
+    shift = calibration.prior_logit_shift(None, counts, balanced_sampling=True)
+    reported = calibration.sigmoid(2.0 * (z - shift))  # reweighted (logit - shift), overconfident (x2)
+    alone = calibration.apply_temperature(reported, calibration.fit_temperature(labels, reported).temperature)
+    fit = calibration.fit_temperature(labels, reported, shift)
+    both = calibration.apply_temperature(reported, fit.temperature, shift)
+    assert fit.temperature == pytest.approx(2.0, rel=0.1)
+    assert calibration.ece(labels, both) < 0.03 < calibration.ece(labels, alone) < calibration.ece(labels, reported)

@@ -111,7 +111,13 @@ def test_stored_threshold_and_temperature_equal_an_independent_fit_on_val(traine
 
     p = np.clip(val.probabilities.astype(np.float64), 2.0 ** -24, 1 - 2.0 ** -24)
     z, y = np.log(p) - np.log1p(-p), val.labels.astype(np.float64)
-    nll = lambda log_t: float(np.mean(np.logaddexp(0.0, z / np.exp(log_t)) - y * z / np.exp(log_t)))  # noqa: E731
+    shift = stored["logit_shift"]  # 0 here: the tiny train split is balanced, so are its class weights
+    assert shift == pytest.approx(0.0, abs=1e-12)
+
+    def nll(log_t):
+        logits = z / np.exp(log_t) + shift
+        return float(np.mean(np.logaddexp(0.0, logits) - y * logits))
+
     fitted = optimize.minimize_scalar(nll, bounds=(np.log(1e-2), np.log(1e2)), method="bounded",
                                       options={"xatol": 1e-10})
     assert stored["temperature"] == pytest.approx(float(np.exp(fitted.x)), rel=1e-4)
