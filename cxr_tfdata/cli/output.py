@@ -28,6 +28,8 @@ _NOISE = [re.compile(pattern) for pattern in (
     r"^[WE]\d{4} \d\d:\d\d:[\d.]+ +\d+ (cuda_platform|cuda_executor|cudart_stub|cuda_diagnostics)\.cc:\d+\] ",
     # An op error on its way to Python, which reports it (end of sequence, a damaged shard...).
     r"^W\d{4} \d\d:\d\d:[\d.]+ +\d+ local_rendezvous\.cc:\d+\] Local rendezvous is aborting with status: ",
+    # oneDNN saying it leaves int32 ops (an index gather) to Eigen: a choice of kernel, not an error.
+    r"^E\d{4} \d\d:\d\d:[\d.]+ +\d+ util\.cc:\d+\] oneDNN supports DT_INT32 only on platforms with AVX-512\. ",
     r"^To enable the following instructions: .*rebuild TensorFlow with the appropriate compiler flags\.$",
 )]
 _OUR_PACKAGES = (f"{os.sep}cxr_tfdata{os.sep}", f"{os.sep}tfrecords_builder{os.sep}", f"{os.sep}benchmarks{os.sep}")
