@@ -670,6 +670,12 @@ def calibration_text(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _table_cell(text: str) -> str:
+    """A file name or reason as a Markdown table cell: no formula start, no column break, one line."""
+    cell = str(tables.safe_cell(text))
+    return cell.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("\r", " ")
+
+
 def _excluded_text(metrics: dict[str, Any]) -> list[str]:
     source = metrics["source"]
     if source["kind"] != "images_dir":
@@ -679,7 +685,7 @@ def _excluded_text(metrics: dict[str, Any]) -> list[str]:
         return [*lines, "None: every file of the folder was read and evaluated.", ""]
     lines += [f"{source['num_unreadable']} file(s) could not be read and are excluded from every figure above:", "",
               "| File | Reason |", "|---|---|"]
-    lines += [f"| `{tables.safe_cell(e['path'])}` | {tables.safe_cell(e['error'])} |" for e in source["unreadable"]]
+    lines += [f"| {_table_cell(e['path'])} | {_table_cell(e['error'])} |" for e in source["unreadable"]]
     return [*lines, ""]
 
 

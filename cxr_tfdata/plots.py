@@ -77,7 +77,8 @@ def confusion_plot(metrics: dict[str, Any], path: str) -> None:
 
 
 def calibration_plot(labels: np.ndarray, probabilities: np.ndarray, path: str,
-                     calibrated: np.ndarray | None = None, temperature: float | None = None) -> None:
+                     calibrated: np.ndarray | None = None, temperature: float | None = None,
+                     logit_shift: float = 0.0) -> None:
     """Reliability diagram of the raw (and the calibrated) probabilities, with the bins ECE uses
     (calibration.ECE_BINS equal-width bins; a marker per non-empty bin), and their histograms."""
     figure = Figure(figsize=(5.5, 6.5))
@@ -85,7 +86,8 @@ def calibration_plot(labels: np.ndarray, probabilities: np.ndarray, path: str,
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfectly calibrated")
     curves = [("raw", probabilities, "o")]
     if calibrated is not None:
-        curves.append((f"calibrated (T = {temperature:.3g})" if temperature else "calibrated", calibrated, "s"))
+        curves.append((f"calibrated (T = {temperature:.3g}, shift {logit_shift:.3g})" if temperature else "calibrated",
+                       calibrated, "s"))
     for name, values, marker in curves:
         bins = calibration.reliability(labels, values)
         ece = calibration.ece(labels, values)
@@ -111,6 +113,8 @@ def write_all(labels: np.ndarray, probabilities: np.ndarray, metrics: dict[str, 
         roc_plot(labels, probabilities, metrics, paths[0])
         pr_plot(labels, probabilities, metrics, paths[1])
     confusion_plot(metrics, paths[2])
-    temperature = (metrics.get("calibration") or {}).get("temperature")
-    calibration_plot(labels, probabilities, paths[3], calibrated if temperature is not None else None, temperature)
+    block = metrics.get("calibration") or {}
+    temperature = block.get("temperature")
+    calibration_plot(labels, probabilities, paths[3], calibrated if temperature is not None else None, temperature,
+                     block.get("logit_shift") or 0.0)
     return [p for p in paths if os.path.exists(p)]
