@@ -29,12 +29,12 @@ demo: install
 		--frozen_batch_size=32 --finetune_batch_size=16 --mixed_precision=auto
 	$(BIN)/cxr-evaluate --model=$(DEMO_DIR)/model/final.keras --data_dir=$(DEMO_DIR)/records \
 		--split=test --output_dir=$(DEMO_DIR)/eval
-	$(BIN)/cxr-predict --model=$(DEMO_DIR)/model/final.keras --data_dir=$(DEMO_DIR)/records \
-		--output_csv=$(DEMO_DIR)/predictions.csv \
-		$(DEMO_DIR)/images/test
-	$(BIN)/cxr-export --model=$(DEMO_DIR)/model/final.keras --data_dir=$(DEMO_DIR)/records \
-		--output_dir=$(DEMO_DIR)/export
-	@echo "demo outputs in $(DEMO_DIR)/: records, model, eval/metrics.json, eval/report.md, predictions.csv, export"
+	$(BIN)/cxr-evaluate --model=$(DEMO_DIR)/model/final.keras --images_dir=$(DEMO_DIR)/images/test \
+		--output_dir=$(DEMO_DIR)/eval_images
+	$(BIN)/cxr-predict --model=$(DEMO_DIR)/model/final.keras --output_csv=$(DEMO_DIR)/predictions.csv \
+		--gradcam_dir=$(DEMO_DIR)/gradcam $(DEMO_DIR)/images/test
+	$(BIN)/cxr-export --model=$(DEMO_DIR)/model/final.keras --output_dir=$(DEMO_DIR)/export
+	@echo "demo outputs in $(DEMO_DIR)/: records, model, eval/ (report.md, MODEL_CARD.md, metrics.json), eval_images/, predictions.csv, gradcam/, export"
 
 test: install
 	$(BIN)/ruff check cxr_tfdata tfrecords_builder tests benchmarks
