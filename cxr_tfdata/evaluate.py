@@ -155,7 +155,7 @@ def predict_folder(model, model_contract: dict[str, Any], images_dir: str, batch
     says, through cxr-predict's decode path; the folder is listed exactly as the converter lists one
     split (same files, names and patient ids). Files that cannot be read are returned as excluded."""
     from cxr_tfdata import predict  # TensorFlow-heavy
-    from tfrecords_builder import scan
+    from tfrecords_builder import imaging, scan
 
     try:
         files, strays, unusable = scan.scan_labelled_folder(images_dir)
@@ -166,7 +166,7 @@ def predict_folder(model, model_contract: dict[str, Any], images_dir: str, batch
     rows = predict.predict_rows(
         model, [f.path for f in files], int(model_contract["image_size"]), model_contract["resize"] == "pad",
         DEFAULT_THRESHOLD, batch_size, model_contract["record_encoding"],
-        model_contract.get("jpeg_quality") or 0, max_file_bytes)
+        model_contract.get("jpeg_quality") or imaging.DEFAULT_JPEG_QUALITY, max_file_bytes)
     kept = []
     for source, row in zip(files, rows, strict=True):
         if row.error:
@@ -187,7 +187,7 @@ def predict_folder(model, model_contract: dict[str, Any], images_dir: str, batch
 def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict[str, Any]:
     """Headline metrics at `threshold`, each computed by scikit-learn so anyone can recompute them."""
     labels = np.asarray(labels).astype(np.int64)
-    predicted = (np.asarray(probabilities) >= threshold).astype(np.int64)
+    predicted = _at(probabilities, threshold)
     tn, fp, fn, tp = skm.confusion_matrix(labels, predicted, labels=[0, 1]).ravel().tolist()
     both_classes = len(np.unique(labels)) == 2
     return {
@@ -204,8 +204,14 @@ def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: flo
     }
 
 
+def _at(probabilities, threshold: float) -> np.ndarray:
+    """1 (PNEUMONIA) where probability >= threshold, compared in float64 as cxr-predict and the export
+    compare (NumPy would compare a float32 array in float32, rounding a typed threshold)."""
+    return (np.asarray(probabilities, np.float64) >= threshold).astype(np.int64)
+
+
 def classification_report(labels: np.ndarray, probabilities: np.ndarray, threshold: float, as_dict: bool):
-    predicted = (np.asarray(probabilities) >= threshold).astype(np.int64)
+    predicted = _at(probabilities, threshold)
     return skm.classification_report(
         labels, predicted, labels=[0, 1], target_names=list(features.CLASS_NAMES),
         output_dict=as_dict, zero_division=0, digits=4,
@@ -276,7 +282,7 @@ def bootstrap_intervals(
     ranking = _weighted_ranking_metrics(weights, labels, np.asarray(probabilities, np.float64))
     intervals = {}
     for name, threshold in thresholds.items():
-        predicted = (np.asarray(probabilities) >= threshold).astype(np.int64)
+        predicted = _at(probabilities, threshold)
         values = {**_weighted_threshold_metrics(weights, labels, predicted), **ranking}
         intervals[name] = {key: _percentile_interval(values[key]) for key in HEADLINE_METRICS}
     return intervals
@@ -360,7 +366,8 @@ def operating_point(config: EvaluateConfig, model_contract: dict[str, Any] | Non
         return {"threshold": float(config.threshold), "chosen_by": "--threshold"}
     stored = stored_threshold(model_contract)
     if stored is not None and not config.choose_threshold_on_val:
-        if config.target_recall is not None and abs(config.target_recall - stored["target_recall"]) > 1e-12:
+        if (config.target_recall is not None and stored["target_recall"] is not None
+                and abs(config.target_recall - stored["target_recall"]) > 1e-12):
             raise ValueError(
                 f"--target_recall={config.target_recall} but {config.model_path} stores an operating threshold "
                 f"chosen for recall {stored['target_recall']}; drop --target_recall, or pass "

@@ -372,6 +372,10 @@ def _threshold_transfer(card: dict) -> str:
     """The sentence on whether the val-chosen threshold reached its target recall here."""
     op = card["metrics"]["operating_point"]
     recall = op["values"]["recall"]
+    if op.get("chosen_by") == "--threshold":
+        return (f"The operating threshold {_fmt(op['threshold'])} was fixed by the user (--threshold), not chosen "
+                f"for a target recall: at it the measured recall on {card['evaluation_data']['description']} is "
+                f"{_fmt(recall['value'])} (95% CI {_fmt_ci(recall['ci'])}).")
     target = op.get("target_recall")
     if target is None:
         target = card["model"]["stored_threshold"].get("target_recall")

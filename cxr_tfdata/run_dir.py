@@ -45,8 +45,9 @@ DATASET_FINGERPRINT_KEY = "dataset_fingerprint"
 # Settings a run may be resumed with other values of (config.json keys): the stage to run, and
 # how data is cached, served and steps are compiled, looped and placed, which change speed but not
 # what is learned. (The batch size is per replica: a different replica count changes the global batch.)
+# target_recall only chooses the threshold stored when a stage ends, not what is trained.
 RESTARTABLE_WITH_OTHER = {"stage", "data.cache", "data.cache_dir", "data.data_service", "jit_compile",
-                          "distribution", "steps_per_loop"}
+                          "distribution", "steps_per_loop", "target_recall"}
 # Path-valued settings, compared after resolving.
 _PATH_KEYS = ("model_dir", "data.data_dir", "data.cache_dir")
 # The top-level keys of a config.json written by cxr-train.

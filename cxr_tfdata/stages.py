@@ -278,16 +278,21 @@ class StageRunner:
     # End of stage --------------------------------------------------------------------------
 
     def finish(self, val_dataset, val_steps: int, steps: int, seconds: float,
-               extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The best epoch's weights back in the model, their val metrics (and `extra`, e.g. the stored
-        operating threshold), the stage marked complete."""
+               seal: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The best epoch's weights back in the model, their val metrics, then (chief only) `seal`
+        (which stores the operating threshold and calibration in the best model and returns them for
+        the metrics), then the stage marked complete. Sealing comes after the evaluation every worker
+        takes part in, so no worker waits in a collective while the chief seals; a run killed before
+        the stage is marked complete seals again when resumed."""
         if self.best_weights is None:
             raise FileNotFoundError(f"{self.paths.best_model} not found: no epoch of stage {self.stage.name} "
                                     f"completed")
         self.model.set_weights(self.best_weights)
         metrics = {f"val_{key}": value for key, value in self.loop.evaluate(val_dataset, val_steps).items()}
         metrics.update(best_epoch=self.state["best_epoch"], epochs_run=self.state["epochs_completed"],
-                       steps_per_epoch=steps, seconds_this_run=round(seconds, 1), **(extra or {}))
+                       steps_per_epoch=steps, seconds_this_run=round(seconds, 1))
+        if self.cluster.is_chief and seal is not None:
+            metrics.update(seal())
         # Every worker logs the digest of the weights it ends with: equal digests, equal models.
         logging.info("Stage %s done: best epoch %d, val_loss %.5f, weights %s", self.stage.name,
                      self.state["best_epoch"] + 1, metrics["val_loss"], weights_digest(self.best_weights))

@@ -208,10 +208,9 @@ def run_stage(config: TrainConfig, stage: StageConfig, placement: distribute.Pla
                  val_steps)
     started = time.monotonic()
     runner.run(iter(train), steps, val, val_steps, global_batch)
-    sealed = {}
-    if placement.is_chief and runner.best_weights is not None:
-        sealed = _seal_best_model(config, paths, export_model, runner.best_weights, info, class_weights)
-    return runner.finish(val, val_steps, steps, time.monotonic() - started, extra=sealed)
+    return runner.finish(val, val_steps, steps, time.monotonic() - started,
+                         seal=lambda: _seal_best_model(config, paths, export_model, runner.best_weights, info,
+                                                       class_weights))
 
 
 def _seal_best_model(config: TrainConfig, paths: run_dir.StagePaths, export_model: keras.Model,

@@ -296,3 +296,17 @@ def test_operating_point_without_val_predictions_is_an_error_not_an_assert(setup
     assert config.threshold is None
     with pytest.raises(ValueError, match="stores no operating threshold and there is no val split"):
         evaluate.operating_point(config, None, None)
+
+
+def test_a_typed_threshold_labels_as_predict_and_the_export_do():
+    """float32(0.7) is just below 0.7: every rule here compares in float64, as cxr-predict does."""
+    probabilities = np.array([0.7, 0.9], np.float32)
+    labels = np.array([1, 1])
+    block = evaluate.binary_metrics(labels, probabilities, 0.7)
+    assert block["confusion_matrix"] == [[0, 0], [1, 1]]
+    assert (float(probabilities[0]) >= 0.7) is False  # cxr-predict's comparison
+    at_threshold = np.full(6, 0.7, np.float32)  # every resample holds only these: recall 0 in all of them
+    intervals = evaluate.bootstrap_intervals(np.ones(6), at_threshold, {"t": 0.7}, None, 20, 0)
+    assert intervals["t"]["recall"] == [0.0, 0.0]
+    report = evaluate.classification_report(labels, probabilities, 0.7, as_dict=True)
+    assert report["PNEUMONIA"]["recall"] == 0.5

@@ -367,3 +367,13 @@ def test_library_versions_imports_neither_tensorflow_nor_numpy():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
                          check=True, timeout=120)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_a_fixed_threshold_is_not_described_as_chosen_for_a_target():
+    metrics = full_metrics()
+    metrics["operating_point"] = {**metrics["operating_point"], "chosen_by": "--threshold"}
+    metrics["operating_point"].pop("target_recall", None)
+    md = model_card.markdown(_card(metrics, full_contract()))
+    limitations = _section(md, "Known limitations")
+    assert "fixed by the user (--threshold)" in limitations
+    assert "falls short of the target" not in limitations and "target recall 0.9500" not in limitations

@@ -14,7 +14,8 @@ _IMAGES_DIR = flags.DEFINE_string(
     "images_dir", None,
     "Instead of --data_dir: a folder with NORMAL/ and PNEUMONIA/ subfolders of images (e.g. another hospital's), "
     "read as cxr-predict reads images and prepared as the model's contract says. Unreadable files are listed in "
-    "report.md and excluded. Needs a model written by cxr-train (or --threshold).")
+    "report.md and excluded. Needs a model written by cxr-train (its contract says how to prepare the images; "
+    "one that stores no operating threshold also needs --threshold).")
 _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate.")
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", None,
