@@ -14,8 +14,10 @@ rows; a decoded image that is near-constant (damaged scan data behind an intact 
 flat grey) is refused too. In the graph each image is decoded to one channel as the converter
 decodes it (a JPEG at the converter's reduced DCT scale), resized to the model's size with PIL's
 bilinear arithmetic -- squashed to a square, or with resize="pad" letterboxed on black with the
-converter's geometry -- so its pixels are the converter's (benchmarks/serving_parity.py); with record_encoding="jpeg" they then go through the records' JPEG round trip (as cxr-predict
-does). The model itself then applies the ResNet scaling. All of these settings come from the
+converter's geometry -- so its pixels match the converter's (on 318 of the 321 originals exactly,
+on the other 3 within one grey level; benchmarks/serving_parity.py). Transparent and 16-bit PNGs can
+differ slightly: the converter composites alpha on black and maps 16 bits to 8 by 1/257. With
+record_encoding="jpeg" the pixels then go through the records' JPEG round trip (as cxr-predict does). The model itself then applies the ResNet scaling. All of these settings come from the
 model's contract; a model without one is exported with the flags given (or the converter's defaults).
 """
 
@@ -81,7 +83,7 @@ def _pil_bilinear_pass(image: tf.Tensor, out_size) -> tf.Tensor:
     PIL's arithmetic exactly: the triangle filter widened by the scale when shrinking, taps from
     round(center - support) to round(center + support), weights normalised, turned into 22-bit
     fixed point, summed from half a unit and truncated to 8 bits. So the serving graph resizes as
-    the converter does, to the grey level.
+    the converter does.
     """
     in_size = tf.shape(image)[-1]
     in_float = tf.cast(in_size, tf.float64)
