@@ -42,11 +42,12 @@ def _split_entry(split: str, builder, outcome, dataset_dir: str, num_dropped_lea
         "shard_files": shard_files,
         # The bytes of each shard: what the dataset's fingerprint (dataset_info.manifest_fingerprint)
         # and cxr-verify-tfrecords check, so two datasets with the same counts never pass as one.
-        "shard_sha256": [_sha256(os.path.join(dataset_dir, f)) for f in shard_files],
+        "shard_sha256": [file_sha256(os.path.join(dataset_dir, f)) for f in shard_files],
     }
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MB blocks (shards are tens of MB)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

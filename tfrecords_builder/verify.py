@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import os
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cxr_tfdata import dataset_info, features
+from tfrecords_builder.manifest import file_sha256
 
 
 class VerifyError(ValueError):
@@ -71,7 +71,7 @@ def _check_split(paths, split, entry, tfds_lengths, image_size, report) -> None:
             report.errors.append(f"bad shard {path}: {sum(counts.values())} records, "
                                  f"dataset_info.json says {tfds_lengths[index]}")
         recorded = entry.get("shard_sha256") or []
-        if index < len(recorded) and _sha256(path) != recorded[index]:
+        if index < len(recorded) and file_sha256(path) != recorded[index]:
             report.errors.append(f"bad shard {path}: its bytes differ from the sha256 recorded in manifest.json")
         totals.update(counts)
     report.num_examples[split] = sum(totals.values())
@@ -80,14 +80,6 @@ def _check_split(paths, split, entry, tfds_lengths, image_size, report) -> None:
     class_counts = {name: totals[i] for i, name in enumerate(features.CLASS_NAMES)}
     if class_counts != entry.get("class_counts", class_counts):
         report.errors.append(f"split {split}: class counts {class_counts}, manifest says {entry['class_counts']}")
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _tfds_shard_lengths(data_dir: str, report: VerifyReport) -> dict[str, list[int]]:
