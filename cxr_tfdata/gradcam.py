@@ -126,15 +126,9 @@ def display_size(height: int, width: int) -> tuple[int, int]:
 
 def letterbox_box(source_hw: tuple[int, int], image_size: int) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of the image content in `imaging.resize(image, image_size,
-    pad=True)` of a source of (height, width) `source_hw`; the rest of the square is black bars.
-
-    The arithmetic is imaging.resize's own, term for term, so the box matches it to the pixel.
-    """
+    pad=True)` of a source of (height, width) `source_hw`; the rest of the square is black bars."""
     height, width = source_hw
-    scale = image_size / max(width, height)
-    new_width, new_height = max(1, round(width * scale)), max(1, round(height * scale))
-    left, top = (image_size - new_width) // 2, (image_size - new_height) // 2
-    return left, top, left + new_width, top + new_height
+    return imaging.letterbox_box(width, height, image_size)
 
 
 def heatmap_on_source(heatmap: np.ndarray, source_hw: tuple[int, int], image_size: int, pad: bool,

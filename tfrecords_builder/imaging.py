@@ -187,16 +187,22 @@ def to_grayscale(image: Image.Image) -> Image.Image:
         return image.convert("RGB").convert("L")
 
 
+def letterbox_box(width: int, height: int, image_size: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a width x height image letterboxed into image_size x image_size:
+    scaled to fit, aspect ratio kept, centred; the rest is black bars."""
+    scale = image_size / max(width, height)
+    new_width, new_height = max(1, round(width * scale)), max(1, round(height * scale))
+    left, top = (image_size - new_width) // 2, (image_size - new_height) // 2
+    return left, top, left + new_width, top + new_height
+
+
 def resize(image: Image.Image, image_size: int, pad: bool) -> Image.Image:
     """Squashes to image_size x image_size, or letterboxes on black keeping the aspect ratio."""
     if not pad:
         return image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    width, height = image.size
-    scale = image_size / max(width, height)
-    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    left, top, right, bottom = letterbox_box(*image.size, image_size)
     canvas = Image.new("L", (image_size, image_size), 0)
-    offset = ((image_size - new_size[0]) // 2, (image_size - new_size[1]) // 2)
-    canvas.paste(image.resize(new_size, Image.Resampling.BILINEAR), offset)
+    canvas.paste(image.resize((right - left, bottom - top), Image.Resampling.BILINEAR), (left, top))
     return canvas
 
 
