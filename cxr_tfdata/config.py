@@ -221,3 +221,8 @@ class TrainConfig:
     @property
     def stages(self) -> tuple[str, ...]:
         return ("frozen", "finetune") if self.stage == "both" else (self.stage,)
+
+    @property
+    def stage_configs(self) -> tuple[StageConfig, ...]:
+        """The settings of each stage to run, in order."""
+        return tuple(self.frozen if name == "frozen" else self.finetune for name in self.stages)

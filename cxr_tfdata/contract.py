@@ -28,8 +28,6 @@ from cxr_tfdata import features
 
 FORMAT = 1
 LAYER_NAME = "model_contract"
-# The settings a reader of source images must repeat, and the contract keys that hold them.
-PREPARATION_KEYS = ("image_size", "resize", "record_encoding", "jpeg_quality")
 
 
 @keras.saving.register_keras_serializable(package="cxr_tfdata")
@@ -101,7 +99,8 @@ def for_dataset(manifest: dict[str, Any], fingerprint: str, training: dict[str, 
 
 
 def preparation(manifest: dict[str, Any]) -> dict[str, Any]:
-    """How the dataset's build prepared every image (PREPARATION_KEYS), from its manifest.json.
+    """How the dataset's build prepared every image (image size, resize, record encoding, JPEG quality), from its
+    manifest.json.
 
     jpeg_quality is None for lossless (png) records: no round trip to repeat.
     """

@@ -144,6 +144,10 @@ class DatasetInfo:
     def image_size(self) -> int:
         return int(self.manifest["image_size"])
 
+    @property
+    def manifest_path(self) -> str:
+        return os.path.join(self.data_dir, MANIFEST_FILENAME)
+
     @functools.cached_property
     def fingerprint(self) -> str:
         return manifest_fingerprint(self.manifest)

@@ -41,7 +41,7 @@ from cxr_tfdata import contract as contract_lib
 from cxr_tfdata.progress import Progress
 
 HEADLINE_METRICS = model_card.HEADLINE_METRICS
-DEFAULT_THRESHOLD = 0.5
+DEFAULT_THRESHOLD = features.DEFAULT_THRESHOLD
 DEFAULT_TARGET_RECALL = 0.95
 CONFIDENCE = 0.95
 PROGRAM = "cxr-evaluate"
@@ -149,13 +149,14 @@ class Excluded:
     reason: str
 
 
-def predict_folder(model, model_contract: dict[str, Any], images_dir: str, batch_size: int,
+def predict_folder(model, records, image_size: int, images_dir: str, batch_size: int,
                    max_file_bytes: int) -> tuple[SplitPredictions, list[Excluded]]:
-    """Runs `model` over a folder of NORMAL/ and PNEUMONIA/ images, prepared as the model's contract
-    says, through cxr-predict's decode path; the folder is listed exactly as the converter lists one
-    split (same files, names and patient ids). Files that cannot be read are returned as excluded."""
+    """Runs `model` over a folder of NORMAL/ and PNEUMONIA/ images, prepared as `records`
+    (predict.RecordSettings) say, through cxr-predict's decode path; the folder is listed exactly as
+    the converter lists one split (same files, names and patient ids). Files that cannot be read are
+    returned as excluded."""
     from cxr_tfdata import predict  # TensorFlow-heavy
-    from tfrecords_builder import imaging, scan
+    from tfrecords_builder import scan
 
     try:
         files, strays, unusable = scan.scan_labelled_folder(images_dir)
@@ -164,9 +165,8 @@ def predict_folder(model, model_contract: dict[str, Any], images_dir: str, batch
     excluded = [Excluded(path, "not inside NORMAL/ or PNEUMONIA/; not evaluated") for path in strays]
     excluded += [Excluded(entry.path, entry.reason) for entry in unusable]
     rows = predict.predict_rows(
-        model, [f.path for f in files], int(model_contract["image_size"]), model_contract["resize"] == "pad",
-        DEFAULT_THRESHOLD, batch_size, model_contract["record_encoding"],
-        model_contract.get("jpeg_quality") or imaging.DEFAULT_JPEG_QUALITY, max_file_bytes)
+        model, [f.path for f in files], image_size, records.resize == "pad", DEFAULT_THRESHOLD, batch_size,
+        records.record_encoding, records.jpeg_quality, max_file_bytes)
     kept = []
     for source, row in zip(files, rows, strict=True):
         if row.error:
@@ -476,6 +476,7 @@ class _Inputs:
     image_size: int
     contract: dict[str, Any] | None
     info: dataset_info.DatasetInfo | None  # the records' dataset (None with --images_dir)
+    records: Any  # predict.RecordSettings: how the model's images are prepared
     needs_val: bool  # the val split's predictions are needed (threshold or temperature on val)
 
 
@@ -491,6 +492,8 @@ def _check_inputs(config: EvaluateConfig) -> _Inputs:
     model = model_io.load_model(config.model_path)
     image_size = model_io.model_image_size(model, config.model_path)
     model_contract = contract_lib.read(model)
+    from cxr_tfdata import predict  # TensorFlow-heavy
+
     if config.images_dir:
         if model_contract is None:
             raise ValueError(f"--images_dir: {config.model_path} carries no contract saying how its images were "
@@ -501,19 +504,17 @@ def _check_inputs(config: EvaluateConfig) -> _Inputs:
                              f"folder has no val split to choose one on; pass --threshold")
         if not os.path.isdir(config.images_dir):
             raise FileNotFoundError(f"--images_dir: {config.images_dir} does not exist or is not a folder")
-        return _Inputs(model, image_size, model_contract, None, needs_val=False)
+        records = predict.resolve_records(model_contract, image_size, config.model_path)
+        return _Inputs(model, image_size, model_contract, None, records, needs_val=False)
     info = dataset_info.load(config.data_dir)
     info.split(config.split)
-    model_io.check_image_size(image_size, info.image_size, config.model_path, config.data_dir)
-    contract_lib.resolve(model_contract, contract_lib.preparation(info.manifest),
-                         dict.fromkeys(contract_lib.PREPARATION_KEYS), config.model_path,
-                         os.path.join(config.data_dir, dataset_info.MANIFEST_FILENAME))
+    records = predict.resolve_records(model_contract, image_size, config.model_path, info)
     choose = config.threshold is None and (config.choose_threshold_on_val or stored_threshold(model_contract) is None)
     if choose:
         info.split(config.val_split)  # names the missing split
     lacks_temperature = not model_contract or model_contract.get("temperature") is None
     needs_val = choose or (lacks_temperature and config.val_split in info.splits and config.val_split != config.split)
-    return _Inputs(model, image_size, model_contract, info, needs_val)
+    return _Inputs(model, image_size, model_contract, info, records, needs_val)
 
 
 @contextlib.contextmanager
@@ -551,8 +552,9 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     with claimed_output_dir(config) as folder:
         excluded: list[Excluded] = []
         if config.images_dir:
-            predictions, excluded = predict_folder(checked.model, checked.contract, config.images_dir,
-                                                   config.batch_size, int(config.max_file_mb * (1 << 20)))
+            predictions, excluded = predict_folder(checked.model, checked.records, checked.image_size,
+                                                   config.images_dir, config.batch_size,
+                                                   int(config.max_file_mb * (1 << 20)))
         else:
             predictions = predict_split(checked.model, config.data_dir, config.split, checked.image_size,
                                         config.batch_size, checked.info)

@@ -11,6 +11,8 @@ from __future__ import annotations
 # Class names come from the Kaggle folder names; the label is the index here.
 CLASS_NAMES: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
 POSITIVE_CLASS = "PNEUMONIA"
+# The label rule when no operating threshold is chosen: PNEUMONIA when probability >= this.
+DEFAULT_THRESHOLD = 0.5
 
 # Feature keys, as tensorflow-datasets serializes a flat FeaturesDict.
 IMAGE = "image"  # encoded JPEG or PNG, single channel, image_size x image_size

@@ -26,9 +26,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from cxr_tfdata import features
+
 # Probability histogram bins for ROC-AUC: the AUC of the binned scores, as Keras' AUC(200) computes it.
 AUC_BINS = 200
-DECISION_THRESHOLD = 0.5  # a prediction is PNEUMONIA when probability >= this (the package's rule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,7 @@ class MetricSums:
         """Adds one replica's batch (replica context). `present` is 0 for padding, 1 otherwise."""
         positive = tf.cast(labels > 0.5, tf.float32) * present
         negative = (1.0 - tf.cast(labels > 0.5, tf.float32)) * present
-        predicted = tf.cast(probabilities >= DECISION_THRESHOLD, tf.float32)
+        predicted = tf.cast(probabilities >= features.DEFAULT_THRESHOLD, tf.float32)
         updates = {
             "loss": tf.reduce_sum(per_example_loss * weights),
             "examples": tf.reduce_sum(present),
@@ -189,30 +190,29 @@ class Loop:
         for _ in tf.range(num_steps):
             self.strategy.run(self._replica_eval_step, args=next(iterator))
 
+    def _run(self, host_loop, iterator, num_steps: int, on_progress=None) -> None:
+        """num_steps steps of a compiled host loop, steps_per_loop per call."""
+        done = 0
+        while done < num_steps:
+            count = min(self.settings.steps_per_loop, num_steps - done)
+            host_loop(iterator, tf.constant(count, tf.int32))
+            done += count
+            if on_progress is not None:
+                on_progress(done)
+
     def train(self, iterator, num_steps: int, on_progress=None) -> dict[str, float]:
         """Runs num_steps training steps, steps_per_loop per host call; returns their metrics.
 
         on_progress(steps_done) is called after each host call (for progress lines).
         """
         self.train_metrics.reset()
-        done = 0
-        while done < num_steps:
-            count = min(self.settings.steps_per_loop, num_steps - done)
-            self._train_loop(iterator, tf.constant(count, tf.int32))
-            done += count
-            if on_progress is not None:
-                on_progress(done)
+        self._run(self._train_loop, iterator, num_steps, on_progress)
         return self.train_metrics.result()
 
     def evaluate(self, dataset, num_steps: int) -> dict[str, float]:
         """Metrics over a distributed dataset of exactly num_steps batches per replica."""
         self.eval_metrics.reset()
-        iterator = iter(dataset)
-        done = 0
-        while done < num_steps:
-            count = min(self.settings.steps_per_loop, num_steps - done)
-            self._eval_loop(iterator, tf.constant(count, tf.int32))
-            done += count
+        self._run(self._eval_loop, iter(dataset), num_steps)
         return self.eval_metrics.result()
 
 

@@ -36,7 +36,7 @@ CSV_COLUMNS = ("path", "probability", "calibrated_probability", "label", "error"
 # Headers of CSVs earlier versions wrote: still recognised as cxr-predict's own, so replaceable.
 _EARLIER_CSV_HEADERS = ("path,probability,label,error",)
 PROGRAM = "cxr-predict"
-DEFAULT_THRESHOLD = 0.5
+DEFAULT_THRESHOLD = features.DEFAULT_THRESHOLD
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,33 +78,49 @@ class Reading:
     contract: dict | None
 
 
-def resolve_reading(model: keras.Model, model_path: str, data_dir: str = "", *, resize: str | None = None,
-                    record_encoding: str | None = None, jpeg_quality: int | None = None,
-                    threshold: float | None = None) -> Reading:
-    """The model's contract, then --data_dir's manifest, then the flags given (None: not given).
+def resolve_records(model_contract: dict | None, image_size: int, model_path: str,
+                    info: dataset_info.DatasetInfo | None = None, *, resize: str | None = None,
+                    record_encoding: str | None = None, jpeg_quality: int | None = None) -> RecordSettings:
+    """How a model's images are prepared: its contract, then the build of the dataset `info` (when
+    given; its image size must be the model's), then the flags given (None: not given).
 
     A value given two ways must agree, else ValueError naming both. A model without a contract (not
-    written by cxr-train) falls back to the flags or the converter's defaults and labels at 0.5,
-    with a warning: nothing then checks that they match how its records were built.
+    written by cxr-train) falls back to the flags or the converter's defaults, with a warning when
+    no dataset is given: nothing then checks that they match how its records were built.
     """
     from cxr_tfdata import model_io
 
     check_record_flags(resize, record_encoding, jpeg_quality)
-    model_contract = contract.read(model)
-    dataset, manifest_path = None, ""
-    if data_dir:
-        info = dataset_info.load(data_dir)
-        model_io.check_image_size(model_io.model_image_size(model, model_path), info.image_size, model_path,
-                                  data_dir)
+    dataset = None
+    if info is not None:
+        model_io.check_image_size(image_size, info.image_size, model_path, info.data_dir)
         dataset = contract.preparation(info.manifest)
-        manifest_path = os.path.join(data_dir, dataset_info.MANIFEST_FILENAME)
     values = contract.resolve(model_contract, dataset, {"resize": resize, "record_encoding": record_encoding,
-                                                        "jpeg_quality": jpeg_quality, "threshold": threshold},
-                              model_path, manifest_path)
+                                                        "jpeg_quality": jpeg_quality},
+                              model_path, info.manifest_path if info is not None else "")
+    records = RecordSettings(values["resize"] or imaging.DEFAULT_RESIZE,
+                             values["record_encoding"] or imaging.DEFAULT_ENCODING,
+                             values["jpeg_quality"] or imaging.DEFAULT_JPEG_QUALITY)
     if model_contract is None and dataset is None:
         logging.warning("%s carries no contract (it was not written by cxr-train): its images are prepared with "
                         "--resize=%s --record_encoding=%s, which must match how its records were built", model_path,
-                        values["resize"] or imaging.DEFAULT_RESIZE, values["record_encoding"] or imaging.DEFAULT_ENCODING)
+                        records.resize, records.record_encoding)
+    return records
+
+
+def resolve_reading(model: keras.Model, model_path: str, data_dir: str = "", *, resize: str | None = None,
+                    record_encoding: str | None = None, jpeg_quality: int | None = None,
+                    threshold: float | None = None) -> Reading:
+    """`resolve_records`, and the label rule and calibration: the contract's threshold (a --threshold
+    must agree with it), else --threshold, else 0.5 with a warning; the contract's temperature and
+    logit shift (none for a model without them)."""
+    from cxr_tfdata import model_io
+
+    model_contract = contract.read(model)
+    info = dataset_info.load(data_dir) if data_dir else None
+    records = resolve_records(model_contract, model_io.model_image_size(model, model_path), model_path, info,
+                              resize=resize, record_encoding=record_encoding, jpeg_quality=jpeg_quality)
+    stored = contract.resolve(model_contract, None, {"threshold": threshold}, model_path)["threshold"]
     if model_contract is not None and model_contract.get("operating_threshold") is not None:
         source = contract.describe_threshold(model_contract)
     elif threshold is not None:
@@ -113,11 +129,8 @@ def resolve_reading(model: keras.Model, model_path: str, data_dir: str = "", *, 
         source = f"the default {DEFAULT_THRESHOLD}: {model_path} stores no operating threshold"
         logging.warning("%s stores no operating threshold: labels at %g (pass --threshold to choose one)",
                         model_path, DEFAULT_THRESHOLD)
-    records = RecordSettings(values["resize"] or imaging.DEFAULT_RESIZE,
-                             values["record_encoding"] or imaging.DEFAULT_ENCODING,
-                             values["jpeg_quality"] or imaging.DEFAULT_JPEG_QUALITY)
     temperature = (model_contract or {}).get("temperature")
-    return Reading(records, float(values["threshold"] if values["threshold"] is not None else DEFAULT_THRESHOLD),
+    return Reading(records, float(stored if stored is not None else DEFAULT_THRESHOLD),
                    source, None if temperature is None else float(temperature),
                    float((model_contract or {}).get("logit_shift") or 0.0), model_contract)
 

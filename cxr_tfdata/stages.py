@@ -116,8 +116,13 @@ def settle(paths: StagePaths, state: dict[str, Any]) -> None:
     keep = state.get("checkpoint")
     for prefix in paths.checkpoints():
         if os.path.basename(prefix) != keep:
-            for path in glob.glob(glob.escape(prefix) + ".*"):
-                os.remove(path)
+            remove_checkpoint(prefix)
+
+
+def remove_checkpoint(prefix: str) -> None:
+    """Deletes the files of the tf.train.Checkpoint written at `prefix` (its .index and .data-*)."""
+    for path in glob.glob(glob.escape(prefix) + ".*"):
+        os.remove(path)
 
 
 @dataclasses.dataclass
@@ -249,9 +254,7 @@ class StageRunner:
         return name
 
     def _remove_checkpoint(self, name: str) -> None:
-        prefix = os.path.join(os.path.dirname(self.paths.state), name)
-        for path in glob.glob(glob.escape(prefix) + ".*"):
-            os.remove(path)
+        remove_checkpoint(os.path.join(os.path.dirname(self.paths.state), name))
 
     def _write_summaries(self, epoch: int, logs: dict[str, float]) -> None:
         if not self.cluster.is_chief:

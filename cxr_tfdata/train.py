@@ -251,8 +251,8 @@ def _check_dataset(config: TrainConfig) -> dataset_info.DatasetInfo:
 def _check_batches_fit(config: TrainConfig, info: dataset_info.DatasetInfo, replicas: int) -> None:
     """The batch size of every stage to run against the train split."""
     num_train = info.num_examples("train")
-    for name in config.stages:
-        steps_per_epoch(config, config.frozen if name == "frozen" else config.finetune, replicas, num_train)
+    for stage in config.stage_configs:
+        steps_per_epoch(config, stage, replicas, num_train)
 
 
 def train_and_evaluate(config: TrainConfig, overwrite: bool = False,
@@ -288,9 +288,8 @@ def train_and_evaluate(config: TrainConfig, overwrite: bool = False,
             tf.config.experimental.enable_op_determinism()
         class_weights = train_class_weights(config, info.class_counts("train"))
         results = {}
-        for name in config.stages:
-            stage = config.frozen if name == "frozen" else config.finetune
-            results[name] = run_stage(config, stage, placement, class_weights, info, on_epoch_end)
+        for stage in config.stage_configs:
+            results[stage.name] = run_stage(config, stage, placement, class_weights, info, on_epoch_end)
         if placement.is_chief:
             last_best = stage_paths(config.model_dir, config.stages[-1]).best_model
             atomic.copy_file(last_best, os.path.join(config.model_dir, run_dir.FINAL_MODEL_FILE))
