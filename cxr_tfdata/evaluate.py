@@ -366,12 +366,7 @@ def operating_point(config: EvaluateConfig, model_contract: dict[str, Any] | Non
         return {"threshold": float(config.threshold), "chosen_by": "--threshold"}
     stored = stored_threshold(model_contract)
     if stored is not None and not config.choose_threshold_on_val:
-        if (config.target_recall is not None and stored["target_recall"] is not None
-                and abs(config.target_recall - stored["target_recall"]) > 1e-12):
-            raise ValueError(
-                f"--target_recall={config.target_recall} but {config.model_path} stores an operating threshold "
-                f"chosen for recall {stored['target_recall']}; drop --target_recall, or pass "
-                f"--choose_threshold_on_val to choose a new threshold on {config.val_split!r}")
+        check_target_recall(config, stored)
         return stored
     if val_predictions is None:
         raise ValueError(f"{config.model_path} stores no operating threshold and there is no val split to choose "
@@ -388,6 +383,17 @@ def operating_point(config: EvaluateConfig, model_contract: dict[str, Any] | Non
         "val_specificity": val["specificity"],
         "val_n": val["n"],
     }
+
+
+def check_target_recall(config: EvaluateConfig, stored: dict[str, Any]) -> None:
+    """A --target_recall must be the one the stored threshold was chosen for, unless the run chooses
+    a new threshold (--choose_threshold_on_val)."""
+    if (config.target_recall is not None and stored["target_recall"] is not None
+            and abs(config.target_recall - stored["target_recall"]) > 1e-12):
+        raise ValueError(
+            f"--target_recall={config.target_recall} but {config.model_path} stores an operating threshold "
+            f"chosen for recall {stored['target_recall']}; drop --target_recall, or pass "
+            f"--choose_threshold_on_val to choose a new threshold on {config.val_split!r}")
 
 
 def stored_threshold(model_contract: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -492,6 +498,9 @@ def _check_inputs(config: EvaluateConfig) -> _Inputs:
     model = model_io.load_model(config.model_path)
     image_size = model_io.model_image_size(model, config.model_path)
     model_contract = contract_lib.read(model)
+    stored = stored_threshold(model_contract)
+    if stored is not None and config.threshold is None and not config.choose_threshold_on_val:
+        check_target_recall(config, stored)  # before any image is read
     from cxr_tfdata import predict  # TensorFlow-heavy
 
     if config.images_dir:
@@ -499,7 +508,7 @@ def _check_inputs(config: EvaluateConfig) -> _Inputs:
             raise ValueError(f"--images_dir: {config.model_path} carries no contract saying how its images were "
                              f"prepared; build records from the folder with cxr-build-tfrecords and evaluate "
                              f"them with --data_dir")
-        if config.threshold is None and stored_threshold(model_contract) is None:
+        if config.threshold is None and stored is None:
             raise ValueError(f"--images_dir: {config.model_path} stores no operating threshold and an image "
                              f"folder has no val split to choose one on; pass --threshold")
         if not os.path.isdir(config.images_dir):
@@ -509,7 +518,7 @@ def _check_inputs(config: EvaluateConfig) -> _Inputs:
     info = dataset_info.load(config.data_dir)
     info.split(config.split)
     records = predict.resolve_records(model_contract, image_size, config.model_path, info)
-    choose = config.threshold is None and (config.choose_threshold_on_val or stored_threshold(model_contract) is None)
+    choose = config.threshold is None and (config.choose_threshold_on_val or stored is None)
     if choose:
         info.split(config.val_split)  # names the missing split
     lacks_temperature = not model_contract or model_contract.get("temperature") is None
