@@ -25,8 +25,8 @@ import tensorflow as tf
 from absl import app, flags, logging
 from PIL import Image
 
-from cxr_tfdata import features
-from tfrecords_builder import build, imaging, scan
+from cxr_tfdata.core import folder_scan, imaging, record_schema
+from tfrecords_builder import build
 
 _INPUT_DIR = flags.DEFINE_string("input_dir", "../shared/data/chest_xray_orig", "Kaggle-layout image folder.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Output image side.")
@@ -36,12 +36,12 @@ _DRAFT_IMAGES = flags.DEFINE_integer("draft_images", 40, "Images for the draft-v
 _JSON = flags.DEFINE_string("json", None, "Also write the results here as JSON.")
 
 
-def _source_files(input_dir: str) -> list[scan.SourceFile]:
-    by_split, _, _ = scan.scan_input(input_dir)
+def _source_files(input_dir: str) -> list[folder_scan.SourceFile]:
+    by_split, _, _ = folder_scan.scan_input(input_dir)
     return [f for files in by_split.values() for f in files]
 
 
-def naive_serial_write(files: list[scan.SourceFile], image_size: int, path: str) -> int:
+def naive_serial_write(files: list[folder_scan.SourceFile], image_size: int, path: str) -> int:
     """Full decode + resize + encode + TFRecordWriter, one image after another."""
     written = 0
     with tf.io.TFRecordWriter(path) as writer:
@@ -52,7 +52,7 @@ def naive_serial_write(files: list[scan.SourceFile], image_size: int, path: str)
                 resized = gray.resize((image_size, image_size), Image.Resampling.BILINEAR)
             buf = io.BytesIO()
             resized.save(buf, format="JPEG", quality=95)
-            writer.write(features.serialize_example(buf.getvalue(), source.label, source.filename,
+            writer.write(record_schema.serialize_example(buf.getvalue(), source.label, source.filename,
                                                     source.patient_id, height, width))
             written += 1
     return written
@@ -83,7 +83,7 @@ def _converter_run(input_dir: str, work_dir: str, workers: int, image_size: int)
     return sum(s["num_examples"] for s in manifest["splits"].values())
 
 
-def draft_difference(files: list[scan.SourceFile], image_size: int, count: int) -> dict[str, float]:
+def draft_difference(files: list[folder_scan.SourceFile], image_size: int, count: int) -> dict[str, float]:
     """Mean absolute difference (grey levels) between draft-mode and full JPEG decoding."""
     diffs = []
     for source in files[:: max(1, len(files) // max(1, count))][:count]:

@@ -1,8 +1,8 @@
 """Training throughput: does the input pipeline keep up with the trainer's step, and is the loop fast?
 
-Runs the trainer's own frozen-stage step (cxr_tfdata.loop, the model cxr-train builds, its
+Runs the trainer's own frozen-stage step (cxr_tfdata.training.replica_steps, the model cxr-train builds, its
 precision policy) on one device, fed by:
-  real          the train split through the full input pipeline (cxr_tfdata.train.make_datasets);
+  real          the train split through the full input pipeline (cxr_tfdata.training.train.make_datasets);
   synthetic     in-memory batches of the same shape and dtype (no input work at all);
   data_service  the same pipeline served by a tf.data service (a dispatcher and one worker in this
                 process);
@@ -22,16 +22,11 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from cxr_tfdata import (
-    atomic,
-    dataset_info,
-    distribute,
-    input_pipeline,
-    loop,
-    precision,
-    train,
-)
-from cxr_tfdata.config import AugmentConfig, DataConfig, ModelConfig, StageConfig, TrainConfig
+from cxr_tfdata.core import dataset_info
+from cxr_tfdata.core.config import AugmentConfig, DataConfig, ModelConfig, StageConfig, TrainConfig
+from cxr_tfdata.data import input_pipeline
+from cxr_tfdata.files import atomic
+from cxr_tfdata.training import distribute, precision, replica_steps, train
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Dataset written by cxr-build-tfrecords.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Image size; default: the dataset's.")
@@ -55,16 +50,16 @@ def _config(data_service: str = "") -> TrainConfig:
         mixed_precision=_PRECISION.value, steps_per_loop=_STEPS_PER_LOOP.value)
 
 
-def _new_loop(config: TrainConfig, strategy) -> loop.Loop:
+def _new_loop(config: TrainConfig, strategy) -> replica_steps.Loop:
     with strategy.scope():
         model = train._stage_architecture(config, config.frozen)
-        optimizer = loop.make_optimizer(config.frozen.learning_rate, precision.needs_loss_scaling())
+        optimizer = replica_steps.make_optimizer(config.frozen.learning_rate, precision.needs_loss_scaling())
         optimizer.build(model.trainable_variables)
-    return loop.Loop(strategy, model, optimizer, loop.StepSettings(config.frozen.batch_size, False,
+    return replica_steps.Loop(strategy, model, optimizer, replica_steps.StepSettings(config.frozen.batch_size, False,
                                                                    config.steps_per_loop))
 
 
-def _time_loop(step_loop: loop.Loop, iterator, warmup: int, steps: int, batch: int) -> float:
+def _time_loop(step_loop: replica_steps.Loop, iterator, warmup: int, steps: int, batch: int) -> float:
     step_loop.train(iterator, warmup)
     started = time.perf_counter()
     step_loop.train(iterator, steps)

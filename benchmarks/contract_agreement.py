@@ -18,7 +18,8 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from cxr_tfdata import evaluate, export, predict
+from cxr_tfdata.evaluation import evaluate, evaluate_config
+from cxr_tfdata.serving import export, predict
 
 _MODEL = flags.DEFINE_string("model", None, "A .keras model written by cxr-train.")
 _IMAGES_DIR = flags.DEFINE_string("images_dir", None, "A folder with NORMAL/ and PNEUMONIA/ subfolders.")
@@ -28,7 +29,7 @@ def main(argv):
     del argv
     folder = os.path.abspath(_IMAGES_DIR.value)
     with tempfile.TemporaryDirectory(prefix="cxr-agreement-") as work:
-        metrics = evaluate.evaluate(evaluate.EvaluateConfig(
+        metrics = evaluate.evaluate(evaluate_config.EvaluateConfig(
             model_path=_MODEL.value, images_dir=folder, output_dir=os.path.join(work, "eval")))
         with open(os.path.join(work, "eval", "predictions.csv"), newline="") as f:
             evaluated = {row["filename"]: row for row in csv.DictReader(f)}

@@ -1,5 +1,5 @@
 """Does the serving SavedModel see the pixels the converter stores? In-graph decode and resize
-(cxr_tfdata.export.decode_image_bytes) against the converter's (cxr_tfdata.predict.load_image, PIL),
+(cxr_tfdata.serving.export.decode_image_bytes) against the converter's (cxr_tfdata.serving.predict.load_image, PIL),
 on every image under a folder, for each resize mode and record encoding. Prints, per setting, the
 mean and largest absolute difference in grey levels and how many images differ at all.
 
@@ -15,7 +15,8 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from cxr_tfdata import export, predict
+from cxr_tfdata.modeling import image_scoring
+from cxr_tfdata.serving import imaging_in_graph
 
 _IMAGES_DIR = flags.DEFINE_string("images_dir", None, "Folder of JPEG/PNG images (searched recursively).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Model input size.")
@@ -35,18 +36,23 @@ def main(argv):
     print(f"{len(paths)} images from {_IMAGES_DIR.value}, image size {size}")
     for pad in (False, True):
         for quality in (None, 95):
-            started, means, largest = time.monotonic(), [], []
+            started, means, largest, refused = time.monotonic(), [], [], 0
             for path in paths:
                 with open(path, "rb") as f:
                     data = f.read()
-                in_graph = export.decode_image_bytes(tf.constant(data), size, pad=pad, jpeg_quality=quality).numpy()
-                converter = predict.load_image(path, size, pad, "jpeg" if quality else "png", quality or 95)
+                try:  # a CMYK JPEG: the serving graph refuses it (CMYK_REASON) rather than score it otherwise
+                    in_graph = imaging_in_graph.decode_image_bytes(tf.constant(data), size, pad=pad,
+                                                                   jpeg_quality=quality).numpy()
+                except tf.errors.InvalidArgumentError:
+                    refused += 1
+                    continue
+                converter = image_scoring.load_image(path, size, pad, "jpeg" if quality else "png", quality or 95)
                 difference = np.abs(in_graph - converter.astype(np.float32))
                 means.append(float(difference.mean()))
                 largest.append(float(difference.max()))
             print(f"resize {'pad' if pad else 'squash':6s} records {'jpeg q' + str(quality) if quality else 'png':8s}: "
                   f"mean |difference| {np.mean(means):.4f} grey levels, largest {max(largest):.0f}, images differing "
-                  f"{sum(m > 0 for m in largest)}/{len(paths)} ({time.monotonic() - started:.0f} s)")
+                  f"{sum(m > 0 for m in largest)}/{len(paths)}, refused {refused} ({time.monotonic() - started:.0f} s)")
 
 
 if __name__ == "__main__":

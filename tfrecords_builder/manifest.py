@@ -8,7 +8,7 @@ import json
 import os
 from typing import Any
 
-from cxr_tfdata import dataset_info, features
+from cxr_tfdata.core import dataset_info, patient_keys, record_schema
 
 FORMAT_VERSION = 1
 RESIZE_METHODS = {
@@ -56,16 +56,17 @@ def file_sha256(path: str) -> str:
 
 
 def make_manifest(config, the_plan, builder, strays: list[str], unusable, dataset_dir: str,
-                  build_seconds: float) -> dict[str, Any]:
-    """The manifest of a finished build (layout: cxr_tfdata.dataset_info.read_manifest).
+                  build_seconds: float, shown: patient_keys.ShownPaths | None = None,
+                  patient_key: patient_keys.PatientKey | None = None) -> dict[str, Any]:
+    """The manifest of a finished build (layout: cxr_tfdata.core.dataset_info.read_manifest).
 
     unusable: scan.Unusable entries of class folders (links to folders, FIFOs, broken links).
     """
     splits = {s: _split_entry(s, builder, builder.outcomes[s], dataset_dir, the_plan.num_dropped_by_split.get(s, 0))
               for s in the_plan.splits}
-    skipped = [{"path": os.path.relpath(p, config.input_dir), "reason": "not inside a class folder"}
-               for p in strays]
-    skipped += [{"path": os.path.relpath(u.path, config.input_dir), "reason": u.reason} for u in unusable]
+    shown = shown or patient_keys.ShownPaths(config.input_dir)
+    skipped = [{"path": shown.relative(p), "reason": "not inside a class folder"} for p in strays]
+    skipped += [{"path": shown.relative(u.path), "reason": u.reason} for u in unusable]
     for outcome in builder.outcomes.values():
         skipped.extend(outcome.skipped)
     return {
@@ -75,17 +76,29 @@ def make_manifest(config, the_plan, builder, strays: list[str], unusable, datase
         "encoding": config.encoding,
         "resize": config.resize,
         "resize_method": RESIZE_METHODS[config.resize],
-        "class_names": list(features.CLASS_NAMES),
+        "class_names": list(record_schema.CLASS_NAMES),
         "splits": splits,
         "val_source": the_plan.val_source,
         "num_unparsed_patient_ids": sum(s["num_unparsed_patient_ids"] for s in splits.values()),
-        "flags": dataclasses.asdict(config),
+        "flags": json.loads(json.dumps(dataclasses.asdict(config))),  # as JSON reads it back (tuples as lists)
         "skipped": sorted(skipped, key=lambda s: s["path"]),
         "near_constant": sorted((e for o in builder.outcomes.values() for e in o.near_constant),
                                 key=lambda e: e["path"]),
+        # Only when DICOMs were read (manifests of JPEG/PNG folders are unchanged): each written DICOM's
+        # ViewPosition and whether it had no VOI and got the percentile fallback window (README "DICOM").
+        **({"dicom": sorted((e for o in builder.outcomes.values() for e in o.dicom), key=lambda e: e["path"])}
+           if any(o.dicom for o in builder.outcomes.values()) else {}),
+        # Only with --views: the readable files left out because their ViewPosition was not asked for.
+        **({"excluded_views": sorted((e for o in builder.outcomes.values() for e in o.excluded_views),
+                                     key=lambda e: e["path"])} if config.views else {}),
         "duplicates": the_plan.duplicates,
         "dropped_leaks": the_plan.dropped_leaks,
         "patients_in_several_given_splits": the_plan.patients_in_several_given_splits,
+        # Patient ids are keyed hashes (README "Patient identity"): which key, by its fingerprint, never the key.
+        **({"patient_ids": {"hash": f"HMAC-SHA256, first {patient_keys.PATIENT_HEX_CHARS} hex digits",
+                            "key_fingerprint": patient_key.fingerprint,
+                            "paths_redacted": bool(getattr(config, "redact_paths", False))}}
+           if patient_key is not None else {}),
         "tfds": {"name": builder.name, "version": str(builder.version)},
         "build_seconds": round(build_seconds, 2),
     }

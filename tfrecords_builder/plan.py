@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 from typing import Any
 
+from cxr_tfdata.core import patient_keys
+from cxr_tfdata.core.folder_scan import SourceFile
 from tfrecords_builder import splits
-from tfrecords_builder.scan import SourceFile
 
 # Higher wins when the same bytes sit in two given splits.
 _SPLIT_PRIORITY = {"test": 2, "val": 1, "train": 0}
@@ -40,8 +40,9 @@ class Plan:
     num_dropped_by_split: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-def _relative(path: str, input_dir: str) -> str:
-    return os.path.relpath(path, input_dir)
+def _relative(path: str, input_dir) -> str:
+    """input_dir: the folder, or patient_keys.ShownPaths (which may redact the path)."""
+    return patient_keys.relative(path, input_dir)
 
 
 def _given_splits(by_split: dict[str, list[SourceFile]], min_val_images: int) -> tuple[dict, bool]:

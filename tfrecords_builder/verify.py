@@ -9,7 +9,7 @@ import os
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from cxr_tfdata import dataset_info, features
+from cxr_tfdata.core import dataset_info, record_schema, runner
 from tfrecords_builder.manifest import file_sha256
 
 
@@ -36,10 +36,10 @@ class VerifyReport:
 
 
 def _parse_and_decode(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    example = tf.io.parse_single_example(record, features.parse_spec())
+    example = tf.io.parse_single_example(record, record_schema.parse_spec())
     # channels=0 keeps what is stored, so a 3-channel image shows up as a wrong shape.
-    image = tf.io.decode_image(example[features.IMAGE], channels=0, expand_animations=False)
-    return tf.shape(image), example[features.LABEL]
+    image = tf.io.decode_image(example[record_schema.IMAGE], channels=0, expand_animations=False)
+    return tf.shape(image), example[record_schema.LABEL]
 
 
 def _read_shard(path: str) -> tuple[collections.Counter, list[tuple[int, ...]]]:
@@ -63,7 +63,7 @@ def _check_split(paths, split, entry, tfds_lengths, image_size, report) -> None:
         try:
             counts, shapes = _read_shard(path)
         except (tf.errors.DataLossError, tf.errors.InvalidArgumentError, tf.errors.OutOfRangeError) as e:
-            report.errors.append(f"bad shard {path}: {type(e).__name__}: {e.message.splitlines()[0]}")
+            report.errors.append(f"bad shard {path}: {type(e).__name__}: {runner.op_error_summary(e.message)}")
             continue
         if shapes and shapes != [expected_shape]:
             report.errors.append(f"bad shard {path}: image shapes {shapes}, expected {expected_shape}")
@@ -77,7 +77,7 @@ def _check_split(paths, split, entry, tfds_lengths, image_size, report) -> None:
     report.num_examples[split] = sum(totals.values())
     if sum(totals.values()) != entry["num_examples"]:
         report.errors.append(f"split {split}: read {sum(totals.values())} records, manifest says {entry['num_examples']}")
-    class_counts = {name: totals[i] for i, name in enumerate(features.CLASS_NAMES)}
+    class_counts = {name: totals[i] for i, name in enumerate(record_schema.CLASS_NAMES)}
     if class_counts != entry.get("class_counts", class_counts):
         report.errors.append(f"split {split}: class counts {class_counts}, manifest says {entry['class_counts']}")
 
@@ -86,7 +86,8 @@ def _tfds_shard_lengths(data_dir: str, report: VerifyReport) -> dict[str, list[i
     try:
         info = tfds.builder_from_directory(data_dir).info
     except (OSError, ValueError, KeyError, tf.errors.OpError) as e:
-        report.errors.append(f"{data_dir}: tensorflow-datasets cannot load it: {e}")
+        cause = runner.op_error_summary(e.message) if isinstance(e, tf.errors.OpError) else " ".join(str(e).split())
+        report.errors.append(f"{data_dir}: tensorflow-datasets cannot load it: {cause}")
         return {}
     return {name: list(split.shard_lengths) for name, split in info.splits.items()}
 

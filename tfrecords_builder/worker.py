@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from tfrecords_builder import imaging
+from cxr_tfdata.core import imaging
 
 
 def hash_file(task: tuple[str, int]) -> tuple[str, str | None]:

@@ -23,10 +23,10 @@ from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils
 from tensorflow_datasets.core.utils import shard_utils
 
-from cxr_tfdata import features
-from cxr_tfdata.progress import Progress
-from tfrecords_builder import imaging, worker
-from tfrecords_builder.scan import SourceFile
+from cxr_tfdata.core import imaging, patient_keys, record_schema
+from cxr_tfdata.core.folder_scan import SourceFile
+from cxr_tfdata.core.progress import Progress
+from tfrecords_builder import worker
 
 DATASET_NAME = "cxr_tfrecords"
 # Auto sharding: at least this many shards per split (when it has that many images) so that
@@ -140,6 +140,10 @@ class SplitOutcome:
     skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
     # Written, but with a near-constant picture (imaging.NEAR_CONSTANT_STD): blank or damaged.
     near_constant: list[dict] = dataclasses.field(default_factory=list)
+    # Written DICOM files: {"path", "view_position", "voi_fallback"} (the manifest's "dicom" list).
+    dicom: list[dict] = dataclasses.field(default_factory=list)
+    # Readable files left out by --views: {"path", "view_position"} (a JPEG/PNG has no view: "not DICOM").
+    excluded_views: list[dict] = dataclasses.field(default_factory=list)
 
 
 class CxrTfrecords(tfds.core.GeneratorBasedBuilder):
@@ -150,8 +154,9 @@ class CxrTfrecords(tfds.core.GeneratorBasedBuilder):
 
     def __init__(self, *, split_files: dict[str, list[SourceFile]], options: imaging.EncodeOptions,
                  pool: WorkerPool, input_dir: str, strict: bool,
-                 source_hashes: dict[str, str | None] | None = None, **kwargs):
+                 source_hashes: dict[str, str | None] | None = None, views: tuple[str, ...] = (), **kwargs):
         self._split_files = split_files
+        self._views = tuple(views)
         self._source_hashes = source_hashes or {}
         self._options = options
         self._pool = pool
@@ -175,15 +180,15 @@ class CxrTfrecords(tfds.core.GeneratorBasedBuilder):
             builder=self,
             description=self.__doc__,
             features=tfds.features.FeaturesDict({
-                features.IMAGE: tfds.features.Image(shape=(size, size, 1),
+                record_schema.IMAGE: tfds.features.Image(shape=(size, size, 1),
                                                     encoding_format=self._options.encoding),
-                features.LABEL: tfds.features.ClassLabel(names=list(features.CLASS_NAMES)),
-                features.FILENAME: tfds.features.Text(),
-                features.PATIENT_ID: tfds.features.Text(),
-                features.ORIGINAL_HEIGHT: tfds.features.Scalar(dtype=np.int64),
-                features.ORIGINAL_WIDTH: tfds.features.Scalar(dtype=np.int64),
+                record_schema.LABEL: tfds.features.ClassLabel(names=list(record_schema.CLASS_NAMES)),
+                record_schema.FILENAME: tfds.features.Text(),
+                record_schema.PATIENT_ID: tfds.features.Text(),
+                record_schema.ORIGINAL_HEIGHT: tfds.features.Scalar(dtype=np.int64),
+                record_schema.ORIGINAL_WIDTH: tfds.features.Scalar(dtype=np.int64),
             }),
-            supervised_keys=(features.IMAGE, features.LABEL),
+            supervised_keys=(record_schema.IMAGE, record_schema.LABEL),
         )
 
     def _split_generators(self, dl_manager):
@@ -213,34 +218,41 @@ class CxrTfrecords(tfds.core.GeneratorBasedBuilder):
         counts = collections.Counter()
         for source, converted, reason in self._converted(split):
             self._progress.advance()
-            rel_path = os.path.relpath(source.path, self._input_dir)
+            rel_path = patient_keys.relative(source.path, self._input_dir)
+            shown_path = patient_keys.full(source.path, self._input_dir)  # hashed with --redact_paths
             if converted is None:
                 if self._strict:
-                    raise BuildError(f"{source.path}: {reason} (--strict makes bad images fatal)")
-                logging.warning("skipping %s: %s", source.path, reason)
+                    raise BuildError(f"{shown_path}: {reason} (--strict makes bad images fatal)")
+                logging.warning("skipping %s: %s", shown_path, reason)
                 outcome.skipped.append({"path": rel_path, "reason": reason})
+                continue
+            if self._views and (converted.dicom or {}).get("view_position") not in self._views:
+                view = (converted.dicom["view_position"] or "absent") if converted.dicom else "not DICOM"
+                outcome.excluded_views.append({"path": rel_path, "view_position": view})
                 continue
             if converted.pixel_std < imaging.NEAR_CONSTANT_STD:
                 if self._strict:
-                    raise BuildError(f"{source.path}: near-constant image (pixel standard deviation "
+                    raise BuildError(f"{shown_path}: near-constant image (pixel standard deviation "
                                      f"{converted.pixel_std:.2f}): blank, or damaged scan data behind an "
                                      f"intact header (--strict makes suspicious images fatal)")
                 logging.warning("%s is near-constant (pixel standard deviation %.2f): blank, or damaged "
                                 "data behind an intact header; kept, and listed in manifest.json under "
-                                "\"near_constant\"", source.path, converted.pixel_std)
+                                "\"near_constant\"", shown_path, converted.pixel_std)
                 outcome.near_constant.append({"path": rel_path, "pixel_std": round(converted.pixel_std, 3)})
+            if converted.dicom is not None:
+                outcome.dicom.append({"path": rel_path, **converted.dicom})
             counts[source.label] += 1
             outcome.patients.add(source.patient_id)
             outcome.unparsed_patient_ids += not source.patient_id_parsed
             yield rel_path, {
-                features.IMAGE: converted.encoded,
-                features.LABEL: source.label,
-                features.FILENAME: source.filename,
-                features.PATIENT_ID: source.patient_id,
-                features.ORIGINAL_HEIGHT: converted.original_height,
-                features.ORIGINAL_WIDTH: converted.original_width,
+                record_schema.IMAGE: converted.encoded,
+                record_schema.LABEL: source.label,
+                record_schema.FILENAME: source.filename,
+                record_schema.PATIENT_ID: source.patient_id,
+                record_schema.ORIGINAL_HEIGHT: converted.original_height,
+                record_schema.ORIGINAL_WIDTH: converted.original_width,
             }
-        outcome.class_counts = {name: counts[i] for i, name in enumerate(features.CLASS_NAMES)}
+        outcome.class_counts = {name: counts[i] for i, name in enumerate(record_schema.CLASS_NAMES)}
         outcome.skipped.sort(key=lambda s: s["path"])
         outcome.near_constant.sort(key=lambda s: s["path"])
         if not sum(counts.values()):

@@ -6,7 +6,9 @@ import os
 
 from absl import app, flags
 
-from cxr_tfdata.cli import define_record_flags, run_main
+from cxr_tfdata.cli.record_flags import define_record_flags
+from cxr_tfdata.core.contract_values import PREVALENCE_HELP
+from cxr_tfdata.core.runner import run_main
 
 _MODEL = flags.DEFINE_string("model", None, "Trained model (.keras); loaded in Keras safe mode.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "SavedModel directory to write (renamed into place when complete).")
@@ -15,6 +17,7 @@ _OVERWRITE = flags.DEFINE_bool(
     "Replace an existing --output_dir; only a SavedModel written by cxr-export that holds nothing else is "
     "replaced, any other folder is refused.")
 _RECORDS = define_record_flags(__name__)
+_PREVALENCE = flags.DEFINE_float("prevalence", None, PREVALENCE_HELP)
 _THRESHOLD = flags.DEFINE_float(
     "threshold", None,
     "The serving label's threshold. Default: the operating threshold the model stores (chosen by cxr-train on "
@@ -24,11 +27,12 @@ _THRESHOLD = flags.DEFINE_float(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from cxr_tfdata import export
+    from cxr_tfdata.serving import export
 
     config = export.ExportConfig(
         model_path=_MODEL.value or "", output_dir=_OUTPUT_DIR.value or "", overwrite=_OVERWRITE.value,
-        threshold=_THRESHOLD.value, data_dir=_RECORDS.data_dir.value or "", **_RECORDS.given(),
+        threshold=_THRESHOLD.value,
+        prevalence=_PREVALENCE.value, data_dir=_RECORDS.data_dir.value or "", **_RECORDS.given(),
     )
     path = export.export(config)
     print(f"Wrote SavedModel to {path}: signature {export.SIGNATURE_KEY!r} takes {export.INPUT_KEY!r} "

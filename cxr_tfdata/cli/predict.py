@@ -15,8 +15,10 @@ import sys
 
 from absl import flags
 
-from cxr_tfdata.cli import define_record_flags, run_main
-from tfrecords_builder import imaging
+from cxr_tfdata.cli.record_flags import define_record_flags
+from cxr_tfdata.core import imaging
+from cxr_tfdata.core.contract_values import PREVALENCE_HELP
+from cxr_tfdata.core.runner import run_main
 
 _MODEL = flags.DEFINE_string("model", None, "Trained model (.keras); loaded in Keras safe mode.")
 _OUTPUT_CSV = flags.DEFINE_string("output_csv", None, "Write the CSV here instead of stdout.")
@@ -25,17 +27,29 @@ _GRADCAM_DIR = flags.DEFINE_string(
     "Write a Grad-CAM PNG per image here: the source image at its own resolution (at least 512 px on the long side) "
     "beside the same with the heatmap on top, with the probability, label and threshold written on it.")
 _RECORDS = define_record_flags(__name__)
+_PREVALENCE = flags.DEFINE_float("prevalence", None, PREVALENCE_HELP)
 _THRESHOLD = flags.DEFINE_float(
     "threshold", None,
     "Probability at or above which the label is PNEUMONIA. Default: the operating threshold the model stores "
     "(chosen by cxr-train on val), or 0.5 for a model without one; a value contradicting the stored one is refused.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per inference batch.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace an existing --output_csv (a regular file that is not an input); without it an "
+    "existing file is never replaced.")
 _MAX_FILE_MB = flags.DEFINE_float("max_file_mb", imaging.DEFAULT_MAX_FILE_MB,
                                   "Files larger than this are reported on their row and not read.")
+_REDACT_PATHS = flags.DEFINE_bool(
+    "redact_paths", False,
+    "Write each file's path (CSV, messages) as its keyed hash, keeping the extension: for folders or files "
+    "named after patients. Not with --gradcam_dir.")
+_PATIENT_KEY_FILE = flags.DEFINE_string(
+    "patient_key_file", None,
+    "With --redact_paths: the site's secret key (default $XDG_CONFIG_HOME/cxr-tfdata/patient_key, "
+    "~/.config/cxr-tfdata/patient_key; created on first use, owner-only).")
 
 
 def main(argv):
-    from cxr_tfdata import predict
+    from cxr_tfdata.serving import predict
 
     config = predict.PredictConfig(
         model_path=_MODEL.value or "",
@@ -43,10 +57,14 @@ def main(argv):
         output_csv=_OUTPUT_CSV.value or "",
         gradcam_dir=_GRADCAM_DIR.value or "",
         threshold=_THRESHOLD.value,
+        prevalence=_PREVALENCE.value,
         batch_size=_BATCH_SIZE.value,
         data_dir=_RECORDS.data_dir.value or "",
         **_RECORDS.given(),
         max_file_mb=_MAX_FILE_MB.value,
+        overwrite=_OVERWRITE.value,
+        redact_paths=_REDACT_PATHS.value,
+        patient_key_file=_PATIENT_KEY_FILE.value or "",
     )
     rows = predict.predict(config, sys.stdout)
     failed = [row for row in rows if row.error]

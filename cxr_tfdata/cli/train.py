@@ -6,9 +6,10 @@ import json
 
 from absl import app, flags, logging
 
-from cxr_tfdata import config as config_lib
-from cxr_tfdata import distribute
-from cxr_tfdata.cli import output, run_main
+from cxr_tfdata.core import config as config_lib
+from cxr_tfdata.core import console, endpoints
+from cxr_tfdata.core.runner import run_main, stop_at_step_boundaries_on_sigterm
+from cxr_tfdata.training import distribute
 
 _FROZEN = config_lib.StageConfig()
 _FINETUNE = config_lib.default_finetune_stage()
@@ -85,13 +86,16 @@ _WORKER_TIMEOUT = flags.DEFINE_float(
 _STEPS_PER_LOOP = flags.DEFINE_integer(
     "steps_per_loop", 10, "Training steps per host call: more keeps an accelerator busier between Python calls.")
 _TARGET_RECALL = flags.DEFINE_float(
-    "target_recall", 0.95,
+    "target_recall", config_lib.DEFAULT_TARGET_RECALL,
     "When a stage ends, its best model stores the highest threshold whose val recall is at least this "
     "(the label rule of cxr-predict and cxr-export), and a temperature fitted on val.")
 _DATA_SERVICE = flags.DEFINE_string(
     "data_service_address", "",
     "grpc://host:port of a tf.data service dispatcher (cxr-data-service): the train split is read, decoded "
     "and augmented (--augment=cpu) on its workers. Val stays local.")
+_DATA_SERVICE_TIMEOUT = flags.DEFINE_float(
+    "data_service_timeout", 60.0,
+    "Seconds to wait for the --data_service_address dispatcher to answer before failing, naming it.")
 
 _AUGMENT_PLACEMENT = flags.DEFINE_enum(
     "augment", _AUGMENT.placement, list(config_lib.AUGMENT_PLACEMENTS),
@@ -122,7 +126,7 @@ def _stage_config(name: str, batch_size, epochs, learning_rate, decay, es_patien
 
 
 def _dataset_image_size(data_dir: str) -> int:
-    from cxr_tfdata import dataset_info
+    from cxr_tfdata.core import dataset_info
 
     return dataset_info.load(data_dir).image_size
 
@@ -164,23 +168,43 @@ def config_from_flags() -> config_lib.TrainConfig:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # SIGTERM (a spot machine's preemption, a supervisor's stop) inside the train loop: save at the
+    # next step boundary and exit 0; elsewhere it stops at once, as in every binary.
+    stop_at_step_boundaries_on_sigterm()
+    if not _WORKER_TIMEOUT.value > 0:  # checked on every run, used only by multi-worker ones
+        raise ValueError(f"--worker_timeout: must be > 0 seconds, got {_WORKER_TIMEOUT.value}")
     if _WORKER_HOSTS.value:
         distribute.cluster_from_flags(_WORKER_HOSTS.value, _TASK_INDEX.value)
     elif _TASK_INDEX.value is not None:
         raise ValueError("--task_index: only with --worker_hosts")
+    _check_data_service(_DATA_SERVICE.value, _DATA_SERVICE_TIMEOUT.value)
     watchdog = _multi_worker_watchdog(_DISTRIBUTION.value)  # forked before TensorFlow is imported
     config = config_from_flags()
     # A multi-worker strategy must exist before any other TensorFlow op: it is made first.
     placement = distribute.choose_placement(config.distribution, config.jit_compile)
     if watchdog is not None:
         watchdog.cluster_formed()
-    from cxr_tfdata import train
+    from cxr_tfdata.training import train
 
     metrics = train.train_and_evaluate(config, overwrite=_OVERWRITE.value, placement=placement)
     logging.info("Done: final.keras, the best model of each stage, metrics.json, the histories and TensorBoard "
                  "logs are in %s", config.model_dir)
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
+
+
+def _check_data_service(address: str, seconds: float) -> None:
+    """Fails in one line unless a dispatcher listens at `address` within `seconds`: TensorFlow would wait
+    for it without a bound, deaf to SIGTERM."""
+    if not seconds > 0:
+        raise ValueError(f"--data_service_timeout: must be > 0 seconds, got {seconds}")
+    if not address:
+        return
+    host, port = endpoints.split_address(address, "--data_service_address")
+    if not endpoints.wait_for_listener(host, port, seconds):
+        raise ValueError(f"--data_service_address={address}: no tf.data service dispatcher answers at "
+                         f"{host}:{port} within {seconds:g} s (--data_service_timeout); start cxr-data-service "
+                         f"--role=dispatcher there, or train without --data_service_address")
 
 
 def _multi_worker_watchdog(distribution: str):
@@ -194,7 +218,7 @@ def _multi_worker_watchdog(distribution: str):
         # The worker's own stderr is a pipe its filter thread reads (cli/output.py): the watchdog
         # writes past it, since it kills the worker and the thread with it.
         return distribute.Watchdog(_WORKER_TIMEOUT.value, others, "cxr-train", len(addresses),
-                                   error_fd=output.original_stderr_fd())
+                                   error_fd=console.original_stderr_fd())
     return None
 
 

@@ -6,10 +6,12 @@ import sys
 
 from absl import app, flags, logging
 
-from cxr_tfdata.cli import run_main
-from tfrecords_builder import imaging
+from cxr_tfdata.core import imaging
+from cxr_tfdata.core.runner import run_main
+from tfrecords_builder import table_presets
 
-_INPUT_DIR = flags.DEFINE_string("input_dir", None, "Folder with {train,test[,val]}/{NORMAL,PNEUMONIA}/*.")
+_INPUT_DIR = flags.DEFINE_string("input_dir", None, "Folder with {train,test[,val]}/{NORMAL,PNEUMONIA}/*, or "
+                                   "the images a --labels_csv / --labels_format table names.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Dataset folder to create (TFDS dataset dir + manifest.json).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Side of the square output images, in pixels.")
 _RESIZE = flags.DEFINE_enum("resize", imaging.DEFAULT_RESIZE, imaging.RESIZE_MODES,
@@ -34,6 +36,10 @@ _STRICT = flags.DEFINE_bool(
     "damaged (a near-constant picture) instead of skipping or flagging it.")
 _MAX_FILE_MB = flags.DEFINE_float("max_file_mb", imaging.DEFAULT_MAX_FILE_MB,
                                   "Source files larger than this are skipped unread.")
+_VIEWS = flags.DEFINE_list(
+    "views", [], "DICOM ViewPositions to keep, e.g. PA,AP (defined terms: "
+    f"{','.join(imaging.DICOM_VIEW_POSITIONS)}). Every other file, JPEG/PNG included, is left out and listed "
+    "in manifest.json under \"excluded_views\". Empty: every file.")
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 0, "Decode/resize/encode processes; 0: all cores.")
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", 0, "Shards per split; 0: from --target_shard_mb.")
 _TARGET_SHARD_MB = flags.DEFINE_float("target_shard_mb", 32.0,
@@ -42,6 +48,42 @@ _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False,
     "Replace an existing --output_dir once the new dataset is complete. Only a dataset written by this "
     "binary that holds nothing else is replaced; any other folder is refused.")
+_PATIENT_KEY_FILE = flags.DEFINE_string(
+    "patient_key_file", None,
+    "The site's secret key that hashes patient ids (HMAC-SHA256) before anything is written; created on first "
+    "use, owner-only. Default: $XDG_CONFIG_HOME/cxr-tfdata/patient_key (~/.config/cxr-tfdata/patient_key). "
+    "Must lie outside --input_dir and --output_dir and be readable by its owner only.")
+_REDACT_PATHS = flags.DEFINE_bool(
+    "redact_paths", False,
+    "Replace every source path in every output (records' filename, manifest.json, logs) by its keyed hash, "
+    "keeping the extension: for folders or files named after patients.")
+_LABELS_CSV = flags.DEFINE_string(
+    "labels_csv", None, "A label table (CSV) naming the images under --input_dir (found recursively) instead of "
+    "Kaggle folders; its columns are given by --image_column, --label_column, --label_values, --patient_column "
+    "and --split_column, or by --labels_format. With --labels_format: default <input_dir>/<the preset's file>.")
+_LABELS_FORMAT = flags.DEFINE_enum(
+    "labels_format", None, table_presets.FORMATS,
+    "A public table: rsna (stage_2_train_labels.csv), nih (Data_Entry_2017.csv, with train_val_list.txt and "
+    "test_list.txt beside it when present) or chexpert (train.csv, and valid.csv beside it as val).")
+_IMAGE_COLUMN = flags.DEFINE_string("image_column", None, "--labels_csv column naming the image file (a name "
+                                    "or a path relative to --input_dir).")
+_LABEL_COLUMN = flags.DEFINE_string("label_column", None, "--labels_csv column holding the label.")
+_LABEL_VALUES = flags.DEFINE_list(
+    "label_values", [], "VALUE=CLASS items mapping --label_column values to NORMAL or PNEUMONIA, e.g. "
+    "1=PNEUMONIA,0=NORMAL (numbers compare by value, words ignore case). Empty: 0=NORMAL,1=PNEUMONIA and the "
+    "class names themselves. A row with another value is skipped, with its reason.")
+_PATIENT_COLUMN = flags.DEFINE_string("patient_column", None, "--labels_csv column with the patient identifier. "
+                                      "Empty: from the file name, as for Kaggle folders.")
+_SPLIT_COLUMN = flags.DEFINE_string("split_column", None, "--labels_csv column with train, val or test. Empty: "
+                                    "test (and val) are carved from the rows by patient.")
+_TEST_FRACTION = flags.DEFINE_float("test_fraction", 0.2, "Share of each class's images carved out as test (by "
+                                    "patient) when a label table gives no test split.")
+_UNCERTAIN = flags.DEFINE_enum("uncertain", "exclude", tuple(table_presets.UNCERTAIN_POLICIES),
+                               "--labels_format=chexpert: what a -1.0 (uncertain) Pneumonia label becomes.")
+_NIH_NORMAL = flags.DEFINE_enum(
+    "nih_normal", "not_pneumonia", table_presets.NIH_NORMAL,
+    "--labels_format=nih: NORMAL is every image without Pneumonia (not_pneumonia) or only those labelled "
+    "'No Finding' (no_finding; images with other findings are skipped).")
 _VERIFY = flags.DEFINE_bool("verify", False, "After building, re-read and check every shard (as cxr-verify-tfrecords).")
 
 flags.mark_flags_as_required(["input_dir", "output_dir"])
@@ -61,7 +103,13 @@ def main(argv):
         val_fraction=_VAL_FRACTION.value, seed=_SEED.value, min_val_images=_MIN_VAL_IMAGES.value,
         drop_leaks=_DROP_LEAKS.value, strict=_STRICT.value, num_workers=_NUM_WORKERS.value,
         num_shards=_NUM_SHARDS.value, target_shard_mb=_TARGET_SHARD_MB.value, overwrite=_OVERWRITE.value,
-        max_file_mb=_MAX_FILE_MB.value)
+        max_file_mb=_MAX_FILE_MB.value, views=tuple(v.strip().upper() for v in _VIEWS.value if v.strip()),
+        patient_key_file=_PATIENT_KEY_FILE.value or "", redact_paths=_REDACT_PATHS.value,
+        labels_csv=_LABELS_CSV.value or "", labels_format=_LABELS_FORMAT.value or "",
+        image_column=_IMAGE_COLUMN.value or "", label_column=_LABEL_COLUMN.value or "",
+        label_values=tuple(v.strip() for v in _LABEL_VALUES.value if v.strip()),
+        patient_column=_PATIENT_COLUMN.value or "", split_column=_SPLIT_COLUMN.value or "",
+        test_fraction=_TEST_FRACTION.value, uncertain=_UNCERTAIN.value, nih_normal=_NIH_NORMAL.value)
     build.build_dataset(config)
     if _VERIFY.value:
         report = verify.verify_dataset(config.output_dir)

@@ -6,7 +6,7 @@ import os
 
 from absl import app, flags, logging
 
-from cxr_tfdata.cli import run_main
+from cxr_tfdata.core.runner import run_main
 from tfrecords_builder import sample
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder to create: {train,test}/{NORMAL,PNEUMONIA}/*.jpeg.")
@@ -18,11 +18,11 @@ flags.mark_flag_as_required("output_dir")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from cxr_tfdata import locking, outputs
+    from cxr_tfdata.files import locking, output_safety
 
     if not _OUTPUT_DIR.value:
         raise ValueError("--output_dir: is required")
-    output_dir = outputs.canonical(_OUTPUT_DIR.value)
+    output_dir = output_safety.canonical(_OUTPUT_DIR.value)
     os.makedirs(os.path.dirname(output_dir), exist_ok=True)
     with locking.exclusive_lock(locking.lock_path_beside(output_dir), f"--output_dir={output_dir}",
                                 "cxr-make-sample"):

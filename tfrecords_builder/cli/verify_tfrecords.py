@@ -6,7 +6,7 @@ import sys
 
 from absl import app, flags, logging
 
-from cxr_tfdata.cli import run_main
+from cxr_tfdata.core.runner import run_main
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Dataset folder written by cxr-build-tfrecords.")
 flags.mark_flag_as_required("data_dir")

@@ -1,0 +1,4 @@
+"""Records to batches: parse, decode, cache, shuffle, augment, prefetch; the input benchmark's logic.
+
+May import: cxr_tfdata.files, cxr_tfdata.core.
+"""
