@@ -35,8 +35,8 @@ def tiny_model(image_size: int = IMAGE_SIZE, pooled_base: bool = False, seed: in
     """An untrained tiny model with the package's input convention and a nested conv base."""
     import keras
 
-    from cxr_tfdata.augment import RandomAffine
-    from cxr_tfdata.preprocessing import ToResNetInput
+    from cxr_tfdata.data.augment import RandomAffine
+    from cxr_tfdata.modeling.preprocessing import ToResNetInput
 
     keras.utils.set_random_seed(seed)
     base_input = keras.Input((image_size, image_size, 3))
@@ -59,8 +59,8 @@ def tiny_model(image_size: int = IMAGE_SIZE, pooled_base: bool = False, seed: in
 def _train(model, data_dir: Path) -> None:
     import keras
 
-    from cxr_tfdata import config as config_lib
-    from cxr_tfdata import input_pipeline
+    from cxr_tfdata.core import config as config_lib
+    from cxr_tfdata.data import input_pipeline
 
     data_config = config_lib.DataConfig(data_dir=str(data_dir), image_size=IMAGE_SIZE, cache="off", seed=0)
     train = input_pipeline.create_dataset(data_config, "train", batch_size=8, training=True)
@@ -94,20 +94,20 @@ def flip_labels(data_dir: Path, split: str, every: int) -> dict:
 
     import tensorflow as tf
 
-    from cxr_tfdata import dataset_info, features
+    from cxr_tfdata.core import dataset_info, record_schema
 
     manifest = dataset_info.read_manifest(str(data_dir))
-    counts = dict.fromkeys(features.CLASS_NAMES, 0)
+    counts = dict.fromkeys(record_schema.CLASS_NAMES, 0)
     position = 0
     for path in dataset_info.shard_paths(str(data_dir), manifest, split):
         records = list(tf.data.TFRecordDataset(path).as_numpy_iterator())
         with tf.io.TFRecordWriter(path) as writer:
             for serialized in records:
                 example = tf.train.Example.FromString(serialized)
-                label_list = example.features.feature[features.LABEL].int64_list
+                label_list = example.features.feature[record_schema.LABEL].int64_list
                 if position % every == 0:
                     label_list.value[0] = 1 - label_list.value[0]
-                counts[features.CLASS_NAMES[label_list.value[0]]] += 1
+                counts[record_schema.CLASS_NAMES[label_list.value[0]]] += 1
                 writer.write(example.SerializeToString())
                 position += 1
     manifest["splits"][split]["class_counts"] = counts
@@ -119,18 +119,18 @@ def split_records(data_dir: Path, split: str) -> list[dict]:
     """The split's records in file order: encoded image bytes, label, filename, patient id."""
     import tensorflow as tf
 
-    from cxr_tfdata import dataset_info, features
+    from cxr_tfdata.core import dataset_info, record_schema
 
     manifest = dataset_info.read_manifest(str(data_dir))
     records = []
     for path in dataset_info.shard_paths(str(data_dir), manifest, split):
         for serialized in tf.data.TFRecordDataset(path).as_numpy_iterator():
-            parsed = tf.io.parse_single_example(serialized, features.parse_spec())
+            parsed = tf.io.parse_single_example(serialized, record_schema.parse_spec())
             records.append({
-                "image": parsed[features.IMAGE].numpy(),
-                "label": int(parsed[features.LABEL].numpy()),
-                "filename": parsed[features.FILENAME].numpy().decode(),
-                "patient_id": parsed[features.PATIENT_ID].numpy().decode(),
+                "image": parsed[record_schema.IMAGE].numpy(),
+                "label": int(parsed[record_schema.LABEL].numpy()),
+                "filename": parsed[record_schema.FILENAME].numpy().decode(),
+                "patient_id": parsed[record_schema.PATIENT_ID].numpy().decode(),
             })
     return records
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_tfdata import features
+from cxr_tfdata.core import record_schema
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CXR_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -90,7 +95,7 @@ def write_tiny_dataset(
             if split not in split_sizes:
                 continue
             for label, count in enumerate(split_sizes[split]):
-                folder = sources / split / features.CLASS_NAMES[label]
+                folder = sources / split / record_schema.CLASS_NAMES[label]
                 folder.mkdir(parents=True, exist_ok=True)
                 for _ in range(count):
                     (folder / source_name(split, index)).write_bytes(encode_png(labelled_image(label, index, image_size)))
@@ -119,3 +124,38 @@ def assert_quiet(stderr: str, program: str, summary: str = "") -> None:
     foreign = [line for line in lines if not line.startswith(f"{program}:")]
     assert not foreign, foreign
     assert summary in stderr, stderr[-2000:]
+
+
+_HOLDER = textwrap.dedent("""
+    import sys, time
+    from cxr_tfdata.files import locking
+    with locking.exclusive_lock(sys.argv[1], "test", sys.argv[2]):
+        print("held", flush=True)
+        time.sleep(120)
+""")
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(lock_path: str, program: str):
+    """A real second process holding the lock; yields its pid, and kills it with SIGKILL after."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, lock_path, program], cwd=REPO_ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports free on localhost just now (for worker processes the test starts next)."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
