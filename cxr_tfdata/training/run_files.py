@@ -17,10 +17,20 @@ Files in a model dir:
   checkpoints/<stage>_checkpoints.json   the ledger: the name of every checkpoint the run wrote, recorded
                                    before it is written. Only checkpoints it (or the state file) names
                                    are ever deleted: a name that looks like ours is not ours
-  checkpoints/<stage>_best-epoch<N>.keras   a new best model until the state file commits its epoch
-  checkpoints/workertemp_<task>/   a non-chief worker's scratch copy of a checkpoint, removed at once
-                                   (its files, then the folder if that left it empty)
-  .cxr-tfdata.lock                 held while a run writes here (see locking.py)
+  checkpoints/<stage>_best-epoch<N>.keras   a new best model until the state file commits it and it is
+                                   renamed into place (`-<k>` appended when a file of that name is not the run's)
+  checkpoints/<stage>_pending_models.json   the ledger of those pending best models: each name is recorded
+                                   before the model is written and dropped once it is renamed in or deleted;
+                                   only names it holds are ever deleted (by a rerun or --overwrite). The state
+                                   file names the committed one with its file identity (inode, size, mtime):
+                                   a rerun renames it in only when that identity still matches
+  checkpoints/workertemp_<task>/   a non-chief worker's scratch copy of a checkpoint, removed at once;
+                                   the worker records its name first in its own ledger there,
+                                   `worker_checkpoints.json` (no other process writes it). --overwrite
+                                   deletes only the files that ledger names, the ledger, then the folder
+                                   if that left it empty
+Beside the model dir (not in it), `.<name>.cxr-lock`, named after the resolved path, is held while a
+run writes here (see files/locking.py).
 Every file is written through `atomic`, so a kill at any moment leaves either the old or the new
 version, never half a file. Nothing else in a model dir is ever written or deleted.
 
@@ -37,13 +47,13 @@ import dataclasses
 import glob
 import json
 import os
-import re
 from typing import Any
 
 from absl import logging
 
 from cxr_tfdata.core.config import TrainConfig, to_dict
 from cxr_tfdata.files import atomic, output_safety
+from cxr_tfdata.training import run_ledger
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
@@ -61,30 +71,6 @@ _PATH_KEYS = ("model_dir", "data.data_dir", "data.cache_dir")
 # The top-level keys of a config.json written by cxr-train.
 _CONFIG_KEYS = {"model_dir", "data", "augment", "model", "frozen", "finetune", "stage"}
 _TENSORBOARD_FILE_PREFIXES = ("events.out.tfevents.",)
-# A non-chief worker's scratch folder, and the files tf.train.Checkpoint.write puts in it.
-_WORKER_SCRATCH = re.compile(r"workertemp_\d+")
-_SCRATCH_CHECKPOINT_FILE = re.compile(r"(frozen|finetune)_epoch\d+(_step\d+)?(-\d+)?\.(index|data-\d{5}-of-\d{5})")
-
-
-def checkpoint_files_at(folder: str, name: str) -> list[str]:
-    """The files tf.train.Checkpoint.write wrote at folder/name, by their exact names only:
-    `<name>.index` and `<name>.data-NNNNN-of-NNNNN`."""
-    try:
-        entries = os.listdir(folder)
-    except OSError:
-        return []
-    data = re.compile(re.escape(name) + r"\.data-\d{5}-of-\d{5}")
-    return sorted(os.path.join(folder, e) for e in entries
-                  if (e == f"{name}.index" or data.fullmatch(e)) and not os.path.islink(os.path.join(folder, e)))
-
-
-def scratch_checkpoint_name(stage: str, epoch: int, step: int | None = None) -> str:
-    """`<stage>_epoch<N>[_step<S>]`: a checkpoint's name before any `-<k>` (a non-chief worker's as is)."""
-    return f"{stage}_epoch{epoch}" + (f"_step{step}" if step is not None else "")
-
-
-def _is_plain_name(name: Any) -> bool:
-    return isinstance(name, str) and name not in ("", os.curdir, os.pardir) and os.path.basename(name) == name
 
 
 class ConfigMismatchError(ValueError):
@@ -101,11 +87,42 @@ class StagePaths:
     checkpoint_dir: str
 
     def pending_best_model(self, epoch: int) -> str:
-        """Where epoch's new best model waits for the state file that commits it."""
+        """Where epoch's new best model waits for the state file that commits it (before any `-<k>`;
+        an older version's name as is)."""
         return os.path.join(self.checkpoint_dir, f"{self.stage}_best-epoch{epoch}.keras")
 
+    def pending_best_name(self, epoch: int) -> str:
+        """The name of epoch's pending best model: a name of the run's own, or one under which no
+        file exists (`-<k>` appended until one is free)."""
+        recorded, base = set(self.recorded_pending_models()), f"{self.stage}_best-epoch{epoch}"
+        name, k = f"{base}.keras", 0
+        while name not in recorded and os.path.lexists(os.path.join(self.checkpoint_dir, name)):
+            k += 1
+            name = f"{base}-{k}.keras"
+        return name
+
     def pending_best_models(self) -> list[str]:
+        """Files merely NAMED like a pending best model: to report, never to delete (see
+        recorded_pending_models)."""
         return glob.glob(os.path.join(glob.escape(self.checkpoint_dir), f"{self.stage}_best-epoch*.keras"))
+
+    @property
+    def pending_ledger(self) -> str:
+        """The names of the pending best models this stage's runs wrote (see the module docstring)."""
+        return os.path.join(self.checkpoint_dir, f"{self.stage}_pending_models.json")
+
+    def recorded_pending_models(self) -> list[str]:
+        return run_ledger.recorded_names(self.pending_ledger)
+
+    def record_pending_models(self, add: tuple[str, ...] = (), remove: tuple[str, ...] = ()) -> None:
+        """Updates the pending ledger: `add` before those models are written, `remove` after they are
+        renamed into place or deleted."""
+        run_ledger.record_names(self.pending_ledger, add, remove)
+
+    def pending_model_files(self) -> list[str]:
+        """The recorded pending best models on disk (never a file merely named like one)."""
+        paths = (os.path.join(self.checkpoint_dir, name) for name in self.recorded_pending_models())
+        return [path for path in paths if run_ledger.file_identity(path) is not None]
 
     @property
     def ledger(self) -> str:
@@ -115,39 +132,31 @@ class StagePaths:
     def recorded_checkpoints(self) -> list[str]:
         """Names of the checkpoints the run wrote: its ledger's, and the one its state file commits
         (a run of an older version kept no ledger)."""
-        names = _read_json_or_none(self.ledger)
-        names = [n for n in names if _is_plain_name(n)] if isinstance(names, list) else []
+        names = run_ledger.recorded_names(self.ledger)
         state = _read_json_or_none(self.state)
-        if isinstance(state, dict) and _is_plain_name(state.get("checkpoint")):
+        if isinstance(state, dict) and run_ledger.is_plain_name(state.get("checkpoint")):
             names.append(state["checkpoint"])
         return sorted(set(names))
 
     def record_checkpoints(self, add: tuple[str, ...] = (), remove: tuple[str, ...] = ()) -> None:
         """Updates the ledger: `add` before those checkpoints are written, `remove` after they are deleted."""
-        names = _read_json_or_none(self.ledger)
-        names = {n for n in names if _is_plain_name(n)} if isinstance(names, list) else set()
-        atomic.write_json(self.ledger, sorted((names | set(add)) - set(remove)))
+        run_ledger.record_names(self.ledger, add, remove)
 
     def checkpoint_name(self, epoch: int, step: int | None = None) -> str:
         """The name (prefix) of the model and optimizer checkpoint written after `epoch` (or, when
         preempted, after `step` steps of it: `_step<S>`): a name of the run's own, or one under
         which no file exists (`-<k>` appended until one is free)."""
-        recorded, base = set(self.recorded_checkpoints()), scratch_checkpoint_name(self.stage, epoch, step)
-        name, k = base, 0
-        while name not in recorded and (checkpoint_files_at(self.checkpoint_dir, name)
-                                        or os.path.lexists(os.path.join(self.checkpoint_dir, f"{name}_temp"))):
-            k += 1
-            name = f"{base}-{k}"
-        return name
+        return run_ledger.free_checkpoint_name(self.checkpoint_dir, run_ledger.scratch_checkpoint_name(self.stage, epoch, step),
+                                    set(self.recorded_checkpoints()))
 
     def checkpoints(self) -> list[str]:
         """Prefixes of this stage's recorded checkpoints on disk, committed or not."""
         return sorted(os.path.join(self.checkpoint_dir, name) for name in self.recorded_checkpoints()
-                      if checkpoint_files_at(self.checkpoint_dir, name))
+                      if run_ledger.checkpoint_files_at(self.checkpoint_dir, name))
 
     def checkpoint_files(self) -> list[str]:
         """Every file of this stage's recorded checkpoints (never a file merely named like one)."""
-        return [path for name in self.recorded_checkpoints() for path in checkpoint_files_at(self.checkpoint_dir, name)]
+        return [path for name in self.recorded_checkpoints() for path in run_ledger.checkpoint_files_at(self.checkpoint_dir, name)]
 
     def worker_scratch(self, task_id: int) -> str:
         """Where a non-chief worker writes its checkpoint copy (TensorFlow's multi-worker guide)."""
@@ -178,8 +187,11 @@ def run_output_paths(model_dir: str) -> tuple[list[str], list[str]]:
     """
     stages = [stage_paths(model_dir, stage) for stage in STAGES]
     files = [paths.state for paths in stages]
-    files += [path for paths in stages for path in paths.checkpoint_files() + paths.pending_best_models()]
-    files += [paths.ledger for paths in stages]  # after the checkpoints it names
+    files += [path for paths in stages for path in paths.checkpoint_files() + paths.pending_model_files()]
+    files += [path for paths in stages for path in (paths.ledger, paths.pending_ledger)]  # after the files they name
+    for scratch in run_ledger.worker_scratch_folders(os.path.join(model_dir, "checkpoints")):
+        files += [path for name in run_ledger.recorded_names(run_ledger.worker_ledger(scratch)) for path in run_ledger.checkpoint_files_at(scratch, name)]
+        files.append(run_ledger.worker_ledger(scratch))
     files += [path for paths in stages for path in (paths.best_model, paths.history_csv)]
     files += [os.path.join(model_dir, name) for name in (FINAL_MODEL_FILE, METRICS_FILE, CONFIG_FILE)]
     return files, [paths.log_dir for paths in stages]
@@ -215,35 +227,26 @@ def _remove_tensorboard_logs(log_dir: str) -> list[str]:
     return kept
 
 
-def _remove_worker_scratch(checkpoints: str) -> None:
-    """Empties and removes the folders `workertemp_<N>` of checkpoints/ (a worker killed between
-    writing and deleting its scratch copy leaves one): only checkpoint files of a stage are
-    deleted, and a folder only when that leaves it empty. Anything else there is the user's."""
-    try:
-        entries = os.listdir(checkpoints)
-    except OSError:
-        return
-    for entry in entries:
-        scratch = os.path.join(checkpoints, entry)
-        if not _WORKER_SCRATCH.fullmatch(entry) or os.path.islink(scratch) or not os.path.isdir(scratch):
+def _remove_worker_scratch(folders: list[str]) -> None:
+    """Removes the worker scratch folders whose recorded files and ledger were just deleted, each
+    only when that left it empty: anything else there is the user's."""
+    for scratch in folders:
+        if not os.path.isdir(scratch):
             continue
-        for name in os.listdir(scratch):
-            path = os.path.join(scratch, name)
-            if _SCRATCH_CHECKPOINT_FILE.fullmatch(name) and os.path.isfile(path) and not os.path.islink(path):
-                os.remove(path)
         if os.listdir(scratch):
-            logging.warning("--overwrite left %s: it holds files that are not a worker's checkpoint", scratch)
+            logging.warning("--overwrite left %s: it holds files no worker of the run recorded writing", scratch)
         else:
             os.rmdir(scratch)
 
 
 def remove_run_outputs(model_dir: str) -> None:
     """Deletes an earlier run's outputs, and only those: other files in model_dir are the user's."""
+    scratch = run_ledger.worker_scratch_folders(os.path.join(model_dir, "checkpoints"))  # known by their ledgers, deleted next
     files, log_dirs = run_output_paths(model_dir)
     for path in files:
         if os.path.lexists(path):
             os.remove(path)
-    _remove_worker_scratch(os.path.join(model_dir, "checkpoints"))
+    _remove_worker_scratch(scratch)
     kept = [path for log_dir in log_dirs if os.path.isdir(log_dir) for path in _remove_tensorboard_logs(log_dir)]
     logs = os.path.join(model_dir, "logs")
     if os.path.isdir(logs) and not os.path.islink(logs) and not os.listdir(logs):

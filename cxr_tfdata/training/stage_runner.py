@@ -7,7 +7,8 @@ the persisted best), history_<stage>.csv, the model and optimizer checkpoint of 
 state file, which is the commit point; the pending best model is renamed into place last, and
 `settle` finishes or drops that rename after a kill. Only the chief writes the model dir; under
 several workers every worker takes part in saving the checkpoint (TensorFlow's multi-worker
-rule), the others into a scratch folder they delete at once.
+rule), the others into a scratch folder they delete at once. Only files the run recorded writing
+(the ledgers of run_files) are ever deleted.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from absl import logging
 from cxr_tfdata.core.config import StageConfig
 from cxr_tfdata.core.runner import Preempted, StopRequest, step_boundary_stops
 from cxr_tfdata.files import atomic, table_cells
-from cxr_tfdata.training import replica_steps, run_files
+from cxr_tfdata.training import replica_steps, run_files, run_ledger
 from cxr_tfdata.training.run_files import StagePaths
 
 MONITOR = "val_loss"
@@ -95,6 +96,8 @@ def initial_state(stage: StageConfig) -> dict[str, Any]:
         "early_stopping": None,
         "reduce_lr": None,
         "checkpoint": None,
+        # {"name", "identity"} of the best epoch's model as written under its pending name (see settle).
+        "pending_best_model": None,
         "history": [],
         # Set by a preemption (SIGTERM): {"epoch", "steps_done", "steps", "train_sums"} of the epoch
         # the checkpoint stopped inside; the rerun runs its remaining steps.
@@ -108,15 +111,26 @@ def history_csv_text(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def settle(paths: StagePaths, state: dict[str, Any]) -> None:
-    """After a kill: renames in the pending best model of the committed best epoch, deletes any
-    other pending model, and every checkpoint but the committed one."""
-    committed = paths.pending_best_model(state["best_epoch"]) if state["best_epoch"] is not None else None
-    for path in paths.pending_best_models():
-        if path == committed:
+    """After a kill: renames in the pending best model of the committed best epoch (when the file
+    under its name is still the one the run wrote), deletes the other pending models the run
+    recorded writing, and every recorded checkpoint but the committed one. A file merely named like
+    a pending model or a checkpoint is never touched."""
+    pending = state.get("pending_best_model")
+    committed = pending.get("name") if isinstance(pending, dict) else None
+    if committed is not None and run_ledger.is_plain_name(committed):
+        path = os.path.join(paths.checkpoint_dir, committed)
+        if pending.get("identity") is not None and run_ledger.file_identity(path) == pending["identity"]:
             os.replace(path, paths.best_model)
             logging.info("Restored %s from the committed epoch %d", paths.best_model, state["best_epoch"] + 1)
-        else:
+    elif "pending_best_model" not in state:
+        _settle_older_run(paths, state)
+    recorded = tuple(paths.recorded_pending_models())
+    for name in recorded:  # uncommitted: written before a kill ended the epoch
+        path = os.path.join(paths.checkpoint_dir, name)
+        if name != committed and run_ledger.file_identity(path) is not None:
             os.remove(path)
+    if recorded:
+        paths.record_pending_models(remove=recorded)
     keep = state.get("checkpoint")
     dropped = tuple(name for name in paths.recorded_checkpoints() if name != keep)
     for name in dropped:  # only checkpoints the run recorded writing: a file named like one is not ours
@@ -125,10 +139,26 @@ def settle(paths: StagePaths, state: dict[str, Any]) -> None:
         paths.record_checkpoints(remove=dropped)
 
 
+def _settle_older_run(paths: StagePaths, state: dict[str, Any]) -> None:
+    """A state file of an older version, which kept no record of its pending best models: the
+    committed epoch's model is copied into place (a kill between its commit and its rename leaves it
+    only there), and no such file is deleted, since a name is not ownership."""
+    named = sorted(paths.pending_best_models())
+    committed = paths.pending_best_model(state["best_epoch"]) if state.get("best_epoch") is not None else None
+    if committed in named and not state.get("completed") and run_ledger.file_identity(committed) is not None:
+        atomic.copy_file(committed, paths.best_model)
+        logging.warning("Restored %s from %s, the committed epoch %d's model of a run of an older version",
+                        paths.best_model, committed, state["best_epoch"] + 1)
+    if named:
+        logging.warning("Left %s in place: a run of an older version kept no record of the pending best "
+                        "models it wrote, so these may not be its own; delete them yourself if they are",
+                        ", ".join(named))
+
+
 def remove_checkpoint(prefix: str) -> None:
     """Deletes the files of the tf.train.Checkpoint written at `prefix` (its .index and .data-*,
     by their exact names)."""
-    for path in run_files.checkpoint_files_at(os.path.dirname(prefix), os.path.basename(prefix)):
+    for path in run_ledger.checkpoint_files_at(os.path.dirname(prefix), os.path.basename(prefix)):
         os.remove(path)
 
 
@@ -277,10 +307,11 @@ class StageRunner:
         improved = best is None or val_loss < best
         if improved:
             self.best_weights = self.model.get_weights()
+            pending = None
             if self.cluster.is_chief:
                 self.export_model.set_weights(self.best_weights)
-                atomic.write_with(self.paths.pending_best_model(epoch), self.export_model.save, suffix=".keras")
-            self.state.update(best_val_loss=val_loss, best_epoch=epoch)
+                pending = self._write_pending_best_model(epoch)
+            self.state.update(best_val_loss=val_loss, best_epoch=epoch, pending_best_model=pending)
         self.state["history"].append({"epoch": epoch, **logs})
         previous_checkpoint = self.state["checkpoint"]
         self.state.update(
@@ -291,12 +322,23 @@ class StageRunner:
             atomic.write_text(self.paths.history_csv, history_csv_text(self.state["history"]))
             atomic.write_json(self.paths.state, self.state)  # the commit point
             if improved:
-                os.replace(self.paths.pending_best_model(epoch), self.paths.best_model)
+                name = self.state["pending_best_model"]["name"]
+                os.replace(os.path.join(self.paths.checkpoint_dir, name), self.paths.best_model)
+                self.paths.record_pending_models(remove=(name,))  # renamed in: the name is no longer the run's
                 logging.info("Stage %s epoch %d: new best val_loss %.5f, saved %s", self.stage.name, epoch + 1,
                              val_loss, self.paths.best_model)
             if previous_checkpoint:
                 self._remove_checkpoint(previous_checkpoint)
         self._write_summaries(epoch, logs)
+
+    def _write_pending_best_model(self, epoch: int) -> dict[str, Any]:
+        """Saves the new best model under a pending name, recorded in the pending ledger before it is
+        written; returns its name and file identity for the state file that commits it."""
+        name = self.paths.pending_best_name(epoch)
+        self.paths.record_pending_models(add=(name,))  # recorded before written: a kill leaves it claimed
+        path = os.path.join(self.paths.checkpoint_dir, name)
+        atomic.write_with(path, self.export_model.save, suffix=".keras")
+        return {"name": name, "identity": run_ledger.file_identity(path)}
 
     def _save_checkpoint(self, epoch: int, step: int | None = None) -> str:
         """Writes model + optimizer after `epoch` (or `step` steps into it: a preemption), every
@@ -306,12 +348,17 @@ class StageRunner:
             name = self.paths.checkpoint_name(epoch, step)
             self.paths.record_checkpoints(add=(name,))  # recorded before written: a kill leaves it claimed
             self.checkpoint.write(os.path.join(self.paths.checkpoint_dir, name))
-        else:  # its files, then the folder if that empties it: nothing else there is deleted
-            name = run_files.scratch_checkpoint_name(self.paths.stage, epoch, step)
+        else:  # its files, then its ledger, then the folder if that empties it: nothing else there is deleted
+            name = run_ledger.scratch_checkpoint_name(self.paths.stage, epoch, step)
             scratch = self.paths.worker_scratch(self.cluster.task_id)
-            self.checkpoint.write(os.path.join(scratch, name))
-            for path in run_files.checkpoint_files_at(scratch, name):
+            ledger = run_ledger.worker_ledger(scratch)  # the worker's own: the chief's is written by the chief only
+            os.makedirs(scratch, exist_ok=True)
+            written = run_ledger.free_checkpoint_name(scratch, name, set(run_ledger.recorded_names(ledger)))
+            run_ledger.record_names(ledger, add=(written,))  # recorded before written: a kill leaves it claimed
+            self.checkpoint.write(os.path.join(scratch, written))
+            for path in run_ledger.checkpoint_files_at(scratch, written):
                 os.remove(path)
+            run_ledger.record_names(ledger, remove=(written,), drop_empty=True)
             with contextlib.suppress(OSError):
                 os.rmdir(scratch)
         return name

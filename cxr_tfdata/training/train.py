@@ -99,8 +99,17 @@ def _padded_eval_batches(dataset: tf.data.Dataset, batch_size: int, num_batches:
 
     blank = tf.data.Dataset.from_tensors((
         tf.zeros([batch_size, image_size, image_size, 1], dtype), tf.zeros([batch_size], tf.float32),
-        tf.zeros([batch_size], tf.float32))).repeat()
-    return dataset.map(pad).concatenate(blank).take(num_batches)
+        tf.zeros([batch_size], tf.float32))).repeat(num_batches)
+    # take_while looks at one element past the last it keeps, so the split's own data is always read
+    # to its end: a file cache (--cache=file) sees its input finish and is kept, where take() would
+    # stop just before the end when the split fills every batch, and tf.data would discard the cache.
+    def within(index, batch):
+        return index < num_batches
+
+    def without_index(index, batch):
+        return batch
+
+    return dataset.map(pad).concatenate(blank).enumerate().take_while(within).map(without_index)
 
 
 def make_datasets(config: TrainConfig, stage: StageConfig, strategy: tf.distribute.Strategy,

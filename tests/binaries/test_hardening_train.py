@@ -1,4 +1,4 @@
-"""cxr-train hardening (issue 16): checkpoint names are not ownership, locks follow symlinks, edited
+"""cxr-train hardening: checkpoint names are not ownership, locks follow symlinks, edited
 manifests and bad flags are refused before anything is written. One tiny run is trained for the module;
 every test copies it before changing anything."""
 
@@ -13,7 +13,7 @@ import pytest
 
 from cxr_tfdata.core import dataset_info
 from cxr_tfdata.files import locking
-from cxr_tfdata.training import run_files
+from cxr_tfdata.training import run_files, run_ledger
 from tests.binaries.safety_helpers import (
     IMAGE_SIZE,
     one_error_line,
@@ -78,6 +78,7 @@ def test_overwrite_removes_the_runs_checkpoints_and_no_folder_or_file_merely_nam
     scratch = checkpoints / "workertemp_1"  # a killed worker's scratch copy: only checkpoint files
     scratch.mkdir()
     (scratch / "frozen_epoch1.index").write_bytes(b"scratch")
+    run_ledger.record_names(run_ledger.worker_ledger(str(scratch)), add=("frozen_epoch1",))  # as a worker does
     users = _users_files(checkpoints)
     before = {p: p.read_bytes() for p in users}
     fingerprint = dataset_info.load(str(records)).fingerprint

@@ -20,7 +20,7 @@ from cxr_tfdata.core import dataset_info
 from cxr_tfdata.core.config import AugmentConfig, DataConfig, ModelConfig, StageConfig, TrainConfig
 from cxr_tfdata.data import input_pipeline
 from cxr_tfdata.files import atomic
-from cxr_tfdata.training import replica_steps, run_files, stage_runner, train
+from cxr_tfdata.training import replica_steps, run_files, run_ledger, stage_runner, train
 from tests.helpers import write_tiny_dataset
 
 IMAGE_SIZE = 32
@@ -241,10 +241,15 @@ def test_overwrite_removes_every_output_of_the_earlier_run_and_nothing_else(data
     # The earlier run recorded its checkpoint in its ledger, as a run does before writing one; a file
     # merely named like a checkpoint is the user's (test_hardening_train covers that).
     run_files.stage_paths(str(tmp_path), "frozen").record_checkpoints(add=("frozen_epoch2",))
+    run_ledger.record_names(run_ledger.worker_ledger(str(tmp_path / "checkpoints" / "workertemp_1")),
+                           add=("frozen_epoch2",))
+    pending = run_files.stage_paths(str(tmp_path), "finetune")
+    pending.record_pending_models(add=(os.path.basename(pending.pending_best_model(3)),))
     files, directories = run_files.run_output_paths(str(tmp_path))
     for path in files:
-        # The run's own config.json marks the folder as a run; its ledger names its checkpoints.
-        if os.path.basename(path) not in ("config.json", "frozen_checkpoints.json"):
+        # The run's own config.json marks the folder as a run; its ledgers name what it wrote.
+        if os.path.basename(path) not in ("config.json", "frozen_checkpoints.json", "finetune_pending_models.json",
+                                          "worker_checkpoints.json"):
             with open(path, "w") as f:
                 f.write("stale")
     for path in directories:
