@@ -190,7 +190,7 @@ def _build_locked(config: BuildConfig) -> dict:
     input_dir, output_dir = config.input_dir, config.output_dir
     key = patient_keys.load_key(config.patient_key_file, {"--input_dir": input_dir, "--output_dir": output_dir})
     shown = patient_keys.ShownPaths(input_dir, key if config.redact_paths else None)
-    table = tables.scan_table(input_dir, config.table_options()) if config.table_options() else None
+    table = tables.scan_table(input_dir, config.table_options(), shown.full) if config.table_options() else None
     by_split, strays, unusable = (table.by_split, [], []) if table else folder_scan.scan_input(input_dir)
     for entry in unusable:
         if config.strict:

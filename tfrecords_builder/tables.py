@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 
 from absl import logging
 
@@ -64,8 +65,9 @@ def _is_hidden(name: str) -> bool:
 class FolderIndex:
     """Every non-hidden file under a folder, walked once: by file name and by relative path."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, shown: Callable[[str], str] = str):
         self.root = root
+        self.shown = shown  # how a path appears in a message (hashed under --redact_paths)
         self.by_name: dict[str, str] = {}  # file name -> relative path (the first found)
         self.twice: dict[str, list[str]] = {}  # file name -> every relative path, for names found twice
         self.by_rel: dict[str, str] = {}  # relative path ("/"-separated) -> absolute path
@@ -81,8 +83,8 @@ class FolderIndex:
                     self.by_name[name] = rel
 
     def _ambiguous(self, name: str, rels: list[str]) -> TableError:
-        return TableError(f"the table's {name!r} is found {len(rels)} times under --input_dir {self.root}: "
-                          f"{' and '.join(os.path.join(self.root, r) for r in rels[:2])}")
+        return TableError(f"the table's {self.shown(os.path.join(self.root, name))!r} is found {len(rels)} times "
+                          f"under --input_dir: {' and '.join(self.shown(os.path.join(self.root, r)) for r in rels[:2])}")
 
     def find(self, name: str) -> str | None:
         """The absolute path the table's name or relative path means; None when there is none."""
@@ -173,13 +175,14 @@ def _split(files: list[SourceFile], options: TableOptions) -> tuple[dict[str, li
     return by_split, test_source
 
 
-def scan_table(input_dir: str, options: TableOptions) -> TableScan:
-    """The table's images per split, the rows skipped and the manifest's "table" entry."""
+def scan_table(input_dir: str, options: TableOptions, shown: Callable[[str], str] = str) -> TableScan:
+    """The table's images per split, the rows skipped and the manifest's "table" entry; `shown` is how
+    an error message writes a path (patient_keys.ShownPaths.full under --redact_paths)."""
     if not os.path.isdir(input_dir):
         raise folder_scan.LayoutError(f"input dir {input_dir} does not exist or is not a folder")
     path = options.table_path(input_dir)
     rows, tables_read = _rows(options, path)
-    index = FolderIndex(input_dir)
+    index = FolderIndex(input_dir, shown)
     files, skipped, file_problems, named = _resolve(rows, index, input_dir)
     by_split, test_source = _split(files, options)
     read = {os.path.abspath(p) for p in tables_read}

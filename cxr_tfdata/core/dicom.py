@@ -217,25 +217,28 @@ def _parse(data: bytes, stop_before_pixels: bool = False) -> Dataset:
         # Parser messages can quote element values: only the exception type is reported.
         raise DicomError(f"unreadable DICOM header ({type(e).__name__})") from None
     if not stop_before_pixels:
-        _check_complete(ds, len(data))
+        _check_complete(ds, data)
     return ds
 
 
-def _check_complete(ds: Dataset, size: int) -> None:
-    """Refuses a data set whose last element does not end exactly at the end of the file.
+def _check_complete(ds: Dataset, data: bytes) -> None:
+    """Refuses a data set whose last element does not end where the file's content ends.
 
     pydicom stops silently at the end of a truncated file: a value cut short keeps the bytes
     there are, fewer than 8 trailing bytes are dropped, and encapsulated pixel data without its
     delimiter can leave an empty data set. Elements are stored in tag order, so the last tag is
-    the last element in the file.
+    the last element in the file. Zero bytes after it are padding (some media writers pad files
+    to an even length or a block), not a cut element, and are accepted.
     """
     if len(ds) == 0:
         raise DicomError("truncated DICOM file: no data set after the file meta information")
     end = _element_end(ds.get_item(max(ds.keys())))
-    if end is not None and end != size:
-        raise DicomError(
-            f"truncated DICOM file: its last element ends at byte {end}, the file at byte {size}"
-        )
+    size = len(data)
+    if end is None or end == size or (end < size and not data[end:].strip(b"\x00")):
+        return
+    raise DicomError(
+        f"truncated DICOM file: its last element ends at byte {end}, the file at byte {size}"
+    )
 
 
 def _element_end(raw) -> int | None:

@@ -20,7 +20,10 @@ from pydicom.pixels.utils import get_j2k_parameters
 
 from cxr_tfdata.core.dicom_display import DicomError
 
-_IDENTITY_TAGS = (0x00100010, 0x00100020, 0x00100030, 0x00080050, 0x00080080, 0x00080090)
+# PatientName, PatientID, PatientBirthDate, AccessionNumber, InstitutionName, ReferringPhysicianName,
+# StudyDate, StudyTime, IssuerOfPatientID, OtherPatientIDs, StudyID: never quoted in a message.
+_IDENTITY_TAGS = (0x00100010, 0x00100020, 0x00100030, 0x00080050, 0x00080080, 0x00080090,
+                  0x00080020, 0x00080030, 0x00100021, 0x00101000, 0x00200010)
 _UID_PATTERN = re.compile(r"^[0-9.]{1,64}$")
 
 _J2K_SYNTAXES = (dcm_uid.JPEG2000Lossless, dcm_uid.JPEG2000)
@@ -68,11 +71,12 @@ def _identity_values(ds: Dataset) -> list[str]:
 
 
 def _scrub(message: str, ds: Dataset) -> str:
-    """A third-party message on one line, at most 200 characters, identity values removed."""
-    message = " ".join(message.split())[:200]
+    """A third-party message on one line, identity values removed, then at most 200 characters
+    (cut after the removal, so a value straddling the cut cannot leave a prefix behind)."""
+    message = " ".join(message.split())
     for value in sorted(_identity_values(ds), key=len, reverse=True):
         message = message.replace(value, "<redacted>")
-    return message
+    return message[:200]
 
 def _int(ds: Dataset, keyword: str, default: int | None = None) -> int | None:
     try:

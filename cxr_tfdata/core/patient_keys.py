@@ -106,9 +106,18 @@ def _create(path: str) -> None:
     if not os.path.isdir(folder):
         os.makedirs(folder, mode=0o700, exist_ok=True)
         os.chmod(folder, 0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write(secrets.token_hex(KEY_BYTES) + "\n")
+    # Written whole under a private name, then linked into place: a concurrent first run either wins
+    # the link or reads the complete key the other wrote, never a half-written file.
+    staging = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(secrets.token_hex(KEY_BYTES) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(staging, path)  # FileExistsError when another run's key is already in place
+    finally:
+        os.unlink(staging)
 
 
 def load_key(key_file: str = "", keep_out_of: dict[str, str] | None = None) -> PatientKey:

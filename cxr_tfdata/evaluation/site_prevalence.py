@@ -58,7 +58,8 @@ def estimate(model, records, image_size: int, images_dir: str, batch_size: int, 
     excluded = ([{"path": shown.full(u.path), "error": u.reason} for u in unusable]
                 + [{"path": shown.full(s.path), "error": r.error} for s, r in zip(files, rows, strict=True) if r.error])
     if not kept:
-        raise ValueError(f"--images_dir: no image of {images_dir} could be read ({len(excluded)} excluded)")
+        raise ValueError(f"--images_dir: no image of {shown.full(images_dir)} could be read "
+                         f"({len(excluded)} excluded)")
     raw = np.asarray([p for _, p in kept], np.float64)
     calibrated = calibration.apply_temperature(raw, float(model_contract["temperature"]),
                                                float(model_contract.get("logit_shift") or 0.0))

@@ -1,4 +1,4 @@
-"""cxr-predict and cxr-evaluate hardening (issue 16): an existing CSV is replaced only with --overwrite, every
+"""cxr-predict and cxr-evaluate hardening: an existing CSV is replaced only with --overwrite, every
 CSV and Markdown table survives any file name, and an unreadable subfolder gets its own row."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""No patient identity in any output byte (issue #19): DICOMs with planted identity strings go through
+"""No patient identity in any output byte: DICOMs with planted identity strings go through
 cxr-build-tfrecords (with --redact_paths, from folders and files named with planted strings), cxr-train,
 cxr-evaluate (records and --images_dir), cxr-predict and cxr-export; every byte of every file they write,
 and everything they print, is searched for each planted string.

@@ -1,4 +1,4 @@
-"""Services that stop when told to, and waits with a bound (issue 16, items 6 and 12).
+"""Services that stop when told to, and waits with a bound.
 
 Real processes on 127.0.0.1 only: cxr-data-service as a dispatcher and a worker stops on SIGTERM and
 SIGINT with status 0 and one line; a worker whose dispatcher is missing, or is not a dispatcher, and

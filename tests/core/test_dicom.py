@@ -585,6 +585,25 @@ def test_decoder_errors_are_scrubbed_of_identity(tmp_path, monkeypatch):
     )
 
 
+def test_an_identity_value_straddling_the_message_limit_leaves_no_prefix(tmp_path, monkeypatch):
+    path = write_dicom(tmp_path / "a", np.zeros((4, 4), np.uint8))
+
+    def broken(self):
+        raise RuntimeError("x" * 190 + IDENTITY["PatientID"])
+
+    monkeypatch.setattr(Dataset, "pixel_array", property(broken))
+    message = refusal(path)
+    assert IDENTITY["PatientID"][:5] not in message
+
+
+def test_zero_padding_after_the_last_element_is_not_truncation(tmp_path):
+    data = open(write_dicom(tmp_path / "a", smooth_image(16, 16, 0, 255, dtype=np.uint8)), "rb").read()
+    for padding in (b"\x00", b"\x00" * 7, b"\x00" * 512):
+        assert dicom.read_dicom(data + padding).pixels.shape == (16, 16)
+    with pytest.raises(dicom.DicomError, match="truncated"):
+        dicom.read_dicom(data + b"\x01\x02\x03")  # not padding: the start of a cut element
+
+
 # --- identity ------------------------------------------------------------------------------------
 
 

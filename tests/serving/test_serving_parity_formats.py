@@ -1,4 +1,4 @@
-"""The serving graph and the converter on the formats they could read differently (issue 16, item 11).
+"""The serving graph and the converter on the formats they could read differently.
 
 Transparent PNGs (alpha channel or tRNS), 16-bit PNGs and palette PNGs: the served pixels equal the
 converter's (cxr_tfdata.core.imaging, what cxr-build-tfrecords, cxr-predict and Grad-CAM decode with).

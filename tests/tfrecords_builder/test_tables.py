@@ -91,6 +91,17 @@ def test_name_found_twice_is_an_error_naming_both_paths(tmp_path):
     assert index.find("missing.png") is None
 
 
+def test_a_name_found_twice_names_neither_folder_under_redact_paths(tmp_path):
+    from cxr_tfdata.core import patient_keys
+
+    _png(tmp_path / "Jane-Doe-MRN1" / "x.png"), _png(tmp_path / "John-Roe-MRN2" / "x.png")
+    key = patient_keys.load_key(str(tmp_path.parent / "site.key"))
+    index = tables.FolderIndex(str(tmp_path), patient_keys.ShownPaths(str(tmp_path), key).full)
+    with pytest.raises(tables.TableError, match="found 2 times") as error:
+        index.find("x.png")
+    assert "MRN" not in str(error.value) and "Doe" not in str(error.value)
+
+
 def test_a_path_is_found_when_input_dir_lies_above_the_tables_root(tmp_path):
     image = _png(tmp_path / "site" / "images" / "p1" / "x.png")
     assert tables.FolderIndex(str(tmp_path)).find("images/p1/x.png") == str(image)
