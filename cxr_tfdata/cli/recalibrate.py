@@ -1,10 +1,11 @@
 """cxr-recalibrate: refit a model's calibration on a site's labelled sample and write a new .keras.
 
 Usage: cxr-recalibrate --model=M (--images_dir=DIR | --data_dir=D --split=S) --output_model=NEW.keras
-       [--target_recall=R] [--folds=5] [--seed=0] [--bootstrap_samples=1000]
+       [--target_recall=R] [--folds=5] [--seed=0] [--bootstrap_samples=1000] [--redact_paths]
 The new model's contract carries the site's temperature and intercept (its new logit shift), where and
 when they were fitted, and ECE, NLL and Brier before and after, cross-fitted by patient with 95%
-patient-bootstrap intervals. The input model is never written to.
+patient-bootstrap intervals. The input model is never written to. A sample sharing a patient with the
+model's train/val records is refused.
 """
 
 from __future__ import annotations
@@ -34,9 +35,14 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the folds and the bootstrap.")
 _BOOTSTRAP_SAMPLES = flags.DEFINE_integer(
     "bootstrap_samples", 1000, "Bootstrap resamples (by patient when ids exist) of the 95% intervals; 0 disables.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per inference batch.")
-_PATIENT_KEY_FILE = flags.DEFINE_string("patient_key_file", None, "With --images_dir: the site's secret key that hashes patient ids (HMAC-SHA256) before anything is "
+_PATIENT_KEY_FILE = flags.DEFINE_string("patient_key_file", None, "With --images_dir (or --redact_paths): the site's secret key that hashes patient ids and paths (HMAC-SHA256) before anything is "
     "written; created on first use, owner-only. Default: $XDG_CONFIG_HOME/cxr-tfdata/patient_key "
-    "(~/.config/cxr-tfdata/patient_key). Give the one cxr-build-tfrecords used so patient ids agree.")
+    "(~/.config/cxr-tfdata/patient_key). Give the one cxr-build-tfrecords used so patient ids agree: the sample's "
+    "patients are then checked against the model's training patients.")
+_REDACT_PATHS = flags.DEFINE_bool(
+    "redact_paths", False,
+    "Write every path (the sample's, the source model's) into the new model's contract and the log as its keyed "
+    "hash (under --patient_key_file): for folders named after patients.")
 _MAX_FILE_MB = flags.DEFINE_float("max_file_mb", imaging.DEFAULT_MAX_FILE_MB,
                                   "With --images_dir: files larger than this are excluded, not read.")
 
@@ -57,7 +63,7 @@ def main(argv):
         data_dir=_DATA_DIR.value or "", split=_SPLIT.value or "", target_recall=_TARGET_RECALL.value,
         method=_REFIT.value, folds=_FOLDS.value, seed=_SEED.value, bootstrap_samples=_BOOTSTRAP_SAMPLES.value,
         batch_size=_BATCH_SIZE.value, max_file_mb=_MAX_FILE_MB.value,
-        patient_key_file=_PATIENT_KEY_FILE.value or "")
+        patient_key_file=_PATIENT_KEY_FILE.value or "", redact_paths=_REDACT_PATHS.value)
     site = recalibrate.recalibrate(config)
     final = site["final"]
     print(f"Refitted on {site['images']} images ({site['images_per_class']}; patients {site['patients_per_class']}): "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cxr_tfdata.core import contract_values
 from cxr_tfdata.evaluation.formatting import (
     as_dict,
     fmt,
@@ -59,7 +60,8 @@ def _threshold_transfer(card: dict) -> str:
     target = op.get("target_recall")
     if target is None:
         target = card["model"]["stored_threshold"].get("target_recall")
-    text = (f"A threshold chosen on val need not reach its target recall elsewhere: at the operating "
+    chosen_on = "a site sample" if (op.get("val_measured_on") or "").startswith("the site sample") else "val"
+    text = (f"A threshold chosen on {chosen_on} need not reach its target recall elsewhere: at the operating "
             f"threshold {fmt(op['threshold'])} (target recall {fmt(target)}) the measured recall on "
             f"{card['evaluation_data']['description']} is {fmt(recall['value'])} (95% CI "
             f"{fmt_ci(recall['ci'])}).")
@@ -98,8 +100,10 @@ def _contract_warnings(card: dict, contract: dict | None) -> list[str]:
 def _val_images(metrics: dict, contract: dict | None) -> int | None:
     """How many val images the threshold and the temperature were fitted on, when recorded."""
     c = contract or {}
+    # A threshold cxr-recalibrate re-chose carries the site sample's n, not val's.
+    on_val = c.get("threshold_chosen_by") != contract_values.RECALIBRATE
     candidates = (
-        as_dict(c.get("threshold_val_metrics")).get("n"),
+        as_dict(c.get("threshold_val_metrics")).get("n") if on_val else None,
         as_dict(as_dict(as_dict(c.get("data")).get("splits")).get("val")).get("images"),
         as_dict(metrics.get("operating_point")).get("val_n"),
     )

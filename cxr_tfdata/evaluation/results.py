@@ -78,10 +78,12 @@ def build_metrics(config: EvaluateConfig, predictions: SplitPredictions, operati
 
 
 def _contract_facts(model_contract: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The contract without its bulky training record (the model card shows that)."""
+    """The contract without its bulky training record (the model card shows that) and its list of
+    training patients (cxr-recalibrate's check)."""
     if model_contract is None:
         return None
-    return {key: value for key, value in model_contract.items() if key not in ("training", "data")}
+    return {key: value for key, value in model_contract.items()
+            if key not in ("training", "data", "training_patients")}
 
 
 def operating_point(config: EvaluateConfig, model_contract: dict[str, Any] | None,
@@ -132,6 +134,7 @@ def stored_threshold(model_contract: dict[str, Any] | None) -> dict[str, Any] | 
         "chosen_by": stored.chosen_by,
         "target_recall": stored.target_recall,
         "val_split": stored.chosen_on,
+        "val_measured_on": stored.measured_on,  # cxr-recalibrate's: the site sample, cross-fitted
         "val_recall": stored.val_metrics.get("recall"),
         "val_specificity": stored.val_metrics.get("specificity"),
         "val_n": stored.val_metrics.get("n"),

@@ -188,7 +188,7 @@ def choose_site_threshold(labels, probabilities, groups=None, *, target_recall: 
                           folds: int = sample_checks.DEFAULT_FOLDS, seed: int = 0,
                           bootstrap_samples: int = calibration_bootstrap.DEFAULT_BOOTSTRAP_SAMPLES) -> SiteThreshold:
     """Chooses the threshold on the site's raw probabilities, cross-fitted by patient (same folds as
-    crossfit.recalibrate_site for the same seed). Raises SampleRefused for too small a sample."""
+    recalibrate_site for the same seed). Raises SampleRefused for too small a sample."""
     if not 0.0 < target_recall <= 1.0:
         raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
     labels, probabilities = calibration.checked(labels, probabilities)

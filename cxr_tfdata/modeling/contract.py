@@ -11,8 +11,13 @@ user of the model needs and could otherwise get wrong:
   temperature, logit_shift, calibration                calibrated = sigmoid(logit(p) / temperature + logit_shift)
   train_prevalence                                     the train split's PNEUMONIA share: the prevalence the
                                                        calibrated probabilities assume (--prevalence moves it)
+  calibrated_prevalence                                only in an export's copy (cxr-export --prevalence): the
+                                                       prevalence folded into its logit_shift, read first
   site_calibration                                     written by cxr-recalibrate: where, when and how the
                                                        calibration above was refitted on a site's sample
+  training_patients                                    the train and val patients, as 64-bit prefixes of their
+                                                       keyed hashes (`training_patients`), so cxr-recalibrate
+                                                       can refuse a site sample sharing a patient with them
   training                                             the run's settings (cxr-train's config.json)
 cxr-train writes the preparation part into every model it saves and adds the threshold and the
 temperature when a stage ends. cxr-predict, cxr-export and cxr-evaluate read it, so a model copied
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import keras
@@ -66,7 +72,10 @@ def _contract_layer(model: keras.Model) -> ModelContract | None:
 
 
 def read(model: keras.Model) -> dict[str, Any] | None:
-    """The model's contract, or None for a model without one (not written by cxr-train)."""
+    """The model's contract, or None for a model without one (not written by cxr-train). A model of
+    another format (runtimes.PortableModel) carries the one read from its file's metadata."""
+    if not isinstance(model, keras.Model):
+        return copy.deepcopy(getattr(model, "contract", None))
     layer = _contract_layer(model)
     return copy.deepcopy(layer.contract) if layer is not None else None
 
@@ -98,7 +107,32 @@ def for_dataset(manifest: dict[str, Any], fingerprint: str, training: dict[str, 
         "temperature": None,
         "logit_shift": None,
         "calibration": None,
+        "training_patients": None,  # filled when the stage is sealed (val_calibration.seal)
         "training": training,
+    }
+
+
+# 16 hex digits (64 bits) of each patient's keyed hash. A sample patient not in training matches one of
+# N training prefixes by chance with probability N / 2^64: for 10,000 training patients and 1,000 site
+# patients, a false "same patient" about 5e-13 of the time. Full 128-bit hashes would double the
+# contract's size for nothing; fewer bits would also reveal less, but 64 keep chance matches negligible.
+PATIENT_PREFIX_HEX_CHARS = 16
+
+
+def training_patients(manifest: dict[str, Any], patient_ids: Iterable[str],
+                      splits: Iterable[str]) -> dict[str, Any] | None:
+    """The contract's training_patients entry: the sorted, distinct 16-hex-digit prefixes of the keyed
+    patient hashes of `splits` (read from its records), with the fingerprint of the key that made them
+    (manifest "patient_ids"). None for records whose patient ids are not keyed hashes (built before
+    patient keys): their raw ids must not be copied into a model."""
+    key_fingerprint = (manifest.get("patient_ids") or {}).get("key_fingerprint")
+    if not key_fingerprint:
+        return None
+    return {
+        "key_fingerprint": key_fingerprint,
+        "splits": list(splits),
+        "hash": f"first {PATIENT_PREFIX_HEX_CHARS} hex digits of each patient's keyed hash (HMAC-SHA256)",
+        "prefixes": sorted({patient[:PATIENT_PREFIX_HEX_CHARS] for patient in patient_ids if patient}),
     }
 
 

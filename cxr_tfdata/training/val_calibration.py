@@ -8,7 +8,9 @@ written into the best model's contract (contract.py).
     prior shift of class-reweighted training (calibration.py; s is given, not fitted);
   * train_prevalence: the train split's PNEUMONIA share, the prevalence the calibrated probabilities
     assume (--prevalence of the readers moves them from it).
-`seal` runs the model over val and stores both, with the val figures that justify them.
+`seal` runs the model over val and stores both, with the val figures that justify them, and the
+train and val patients (`training_patient_entry`: 64-bit prefixes of their keyed hashes) that
+cxr-recalibrate checks a site sample against.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from cxr_tfdata.core import dataset_info
+from cxr_tfdata.core import dataset_info, record_schema
 from cxr_tfdata.evaluation import inference
 from cxr_tfdata.metrics import calibration, prevalence, threshold_metrics
 from cxr_tfdata.modeling import contract
 
 EVAL_BATCH_SIZE = 32
+TRAINING_SPLITS = ("train", "val")
 
 
 def fit_on_val(labels: np.ndarray, probabilities: np.ndarray, target_recall: float, split: str,
@@ -68,6 +71,32 @@ def train_prevalence(info: dataset_info.DatasetInfo) -> float | None:
         return None
 
 
+def read_patient_ids(info: dataset_info.DatasetInfo, splits=TRAINING_SPLITS) -> set[str]:
+    """The distinct patient ids of the records of `splits` (those the dataset has): one pass over their
+    shards parsing only the patient_id feature (no image is decoded)."""
+    import tensorflow as tf
+
+    spec = {record_schema.PATIENT_ID: tf.io.FixedLenFeature([], tf.string, default_value="")}
+    patients: set[str] = set()
+    for split in splits:
+        if split not in info.splits:
+            continue
+        records = tf.data.TFRecordDataset(info.shard_paths(split)).batch(1024)
+        for batch in records.map(lambda serialized: tf.io.parse_example(serialized, spec)[record_schema.PATIENT_ID]):
+            patients.update(value.decode("utf-8") for value in batch.numpy().tolist())
+    patients.discard("")
+    return patients
+
+
+def training_patient_entry(info: dataset_info.DatasetInfo) -> dict[str, Any] | None:
+    """The contract's training_patients entry (contract.training_patients) of the train and val records;
+    None (without reading any record) when their patient ids are not keyed hashes."""
+    if not (info.manifest.get("patient_ids") or {}).get("key_fingerprint"):
+        return None
+    splits = [split for split in TRAINING_SPLITS if split in info.splits]
+    return contract.training_patients(info.manifest, read_patient_ids(info, splits), splits)
+
+
 def seal(model, data_dir: str, info: dataset_info.DatasetInfo, target_recall: float, split: str = "val",
          logit_shift: float = 0.0) -> dict[str, Any]:
     """Runs `model` (float32, with a contract) over `split` and stores the threshold and the
@@ -82,7 +111,8 @@ def seal(model, data_dir: str, info: dataset_info.DatasetInfo, target_recall: fl
         logging.warning("No operating threshold or temperature stored: split %s cannot determine them (%s)",
                         split, e)
         return {}
-    contract.update(model, **values)
+    patients = training_patient_entry(info)
+    contract.update(model, **values, training_patients=patients)
     cal = values["calibration"]
     logging.info(
         "Operating threshold %.4g (val recall %.4f >= %g, specificity %.4f); calibration: logit shift %.4g, "

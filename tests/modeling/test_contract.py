@@ -90,6 +90,9 @@ def test_trained_models_carry_their_contract(trained):
         assert stored["target_recall"] == trained["target_recall"] and stored["threshold_chosen_on"] == "val"
         assert 0.0 < stored["operating_threshold"] < 1.0 and stored["temperature"] > 0.0
         assert stored["data"]["splits"]["val"]["images"] == sum(SPLIT_SIZES["val"])
+        patients = stored["training_patients"]  # sealed: the train and val patients, two images each
+        assert patients["key_fingerprint"] == info.manifest["patient_ids"]["key_fingerprint"]
+        assert len(patients["prefixes"]) == (sum(SPLIT_SIZES["train"]) + sum(SPLIT_SIZES["val"])) // 2
     metrics = json.loads((trained["run"] / "metrics.json").read_text())
     logged = json.dumps(metrics)
     assert str(stored["operating_threshold"])[:6] in logged and "temperature" in logged
