@@ -12,7 +12,7 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 $(VENV)/.installed: pyproject.toml setup.cfg | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[test,baseline,dicom]"
+	$(BIN)/pip install --quiet -e ".[test,baseline,dicom,serving]"
 	touch $@
 
 venv: $(BIN)/python

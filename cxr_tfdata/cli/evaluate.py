@@ -9,7 +9,7 @@ from cxr_tfdata.core import imaging
 from cxr_tfdata.core.contract_values import PREVALENCE_HELP
 from cxr_tfdata.core.runner import run_main
 
-_MODEL = flags.DEFINE_string("model", None, "Trained model (.keras) to evaluate; loaded in Keras safe mode.")
+_MODEL = flags.DEFINE_string("model", None, "Trained model to evaluate: .keras (loaded in Keras safe mode), or an export by cxr-export (SavedModel folder, .onnx, OpenVINO .xml, .tflite, or its export folder), recognised by content.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Dataset directory written by cxr-build-tfrecords.")
 _IMAGES_DIR = flags.DEFINE_string(
     "images_dir", None,

@@ -20,7 +20,7 @@ from cxr_tfdata.core import imaging
 from cxr_tfdata.core.contract_values import PREVALENCE_HELP
 from cxr_tfdata.core.runner import run_main
 
-_MODEL = flags.DEFINE_string("model", None, "Trained model (.keras); loaded in Keras safe mode.")
+_MODEL = flags.DEFINE_string("model", None, "Trained model: .keras (loaded in Keras safe mode), or an export by cxr-export (SavedModel folder, .onnx, OpenVINO .xml, .tflite, or its export folder), recognised by content.")
 _OUTPUT_CSV = flags.DEFINE_string("output_csv", None, "Write the CSV here instead of stdout.")
 _GRADCAM_DIR = flags.DEFINE_string(
     "gradcam_dir", None,

@@ -25,6 +25,7 @@ class StoredThreshold:
     chosen_on: str | None
     val_metrics: dict[str, Any]
     chosen_by: str
+    measured_on: str  # where val_metrics were measured, in words ("the val split", or a site sample cross-fitted)
 
 
 def stored_threshold(values: dict[str, Any] | None) -> StoredThreshold | None:
@@ -34,13 +35,31 @@ def stored_threshold(values: dict[str, Any] | None) -> StoredThreshold | None:
         return None
     val_metrics = values.get("threshold_val_metrics")
     return StoredThreshold(float(threshold), values.get("target_recall"), values.get("threshold_chosen_on"),
-                           dict(val_metrics) if isinstance(val_metrics, dict) else {}, describe_threshold(values))
+                           dict(val_metrics) if isinstance(val_metrics, dict) else {}, describe_threshold(values),
+                           threshold_measured_on(values))
+
+
+# cxr-recalibrate --target_recall marks the threshold it re-chose (threshold_chosen_by); its recall and
+# specificity (threshold_val_metrics) are then cross-fitted on the site sample, not in-sample figures.
+RECALIBRATE = "cxr-recalibrate"
 
 
 def describe_threshold(values: dict[str, Any]) -> str:
     """Where a contract's operating threshold came from, in words."""
+    if values.get("threshold_chosen_by") == RECALIBRATE:
+        return (f"stored in the model: re-chosen by cxr-recalibrate for recall >= {values.get('target_recall')} on "
+                f"the {values.get('threshold_chosen_on')}")
+    if values.get("threshold_chosen_on") is None or values.get("target_recall") is None:
+        return "stored in the model (its contract does not say how it was chosen)"
     return (f"stored in the model: chosen by cxr-train on {values.get('threshold_chosen_on')} for recall >= "
             f"{values.get('target_recall')}")
+
+
+def threshold_measured_on(values: dict[str, Any]) -> str:
+    """Where the stored threshold's recall and specificity (threshold_val_metrics) were measured, in words."""
+    if values.get("threshold_chosen_by") == RECALIBRATE:
+        return f"the {values.get('threshold_chosen_on')}"
+    return f"the {values.get('threshold_chosen_on')} split"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +86,16 @@ def _share(value: Any) -> float | None:
 
 
 def calibration_prevalence(values: dict[str, Any] | None) -> CalibrationPrevalence:
-    """The prevalence the stored calibration reflects: a site recalibration's sample share, else the
-    recorded train_prevalence, else the train split's share from the contract's data summary (a model
-    sealed before train_prevalence was recorded)."""
+    """The prevalence the stored calibration reflects: the one an export folded into it
+    (calibrated_prevalence, written by cxr-export --prevalence), else a site recalibration's sample share,
+    else the recorded train_prevalence, else the train split's share from the contract's data summary (a
+    model sealed before train_prevalence was recorded)."""
     values = values or {}
+    if _share(values.get("calibrated_prevalence")) is not None:
+        source = values.get("calibrated_prevalence_source") or "cxr-export --prevalence"
+        return CalibrationPrevalence(float(values["calibrated_prevalence"]),
+                                     f"the prevalence the export's calibration was restated at ({source}; "
+                                     f"calibrated_prevalence in the model's contract)")
     site = values.get("site_calibration")
     if isinstance(site, dict) and _share(site.get("sample_prevalence")) is not None:
         return CalibrationPrevalence(float(site["sample_prevalence"]),

@@ -110,6 +110,11 @@ def _model_section(metrics: dict, contract: dict | None, training: dict) -> dict
     weights = as_dict(training.get("model")).get("weights")
     return {
         "path": metrics.get("model"),
+        # Which file was run, in which format (keras, saved_model, onnx, openvino, tflite), and how it was
+        # quantized with the export's guard figures (the contract's "quantization" block), when it was.
+        "format": as_dict(metrics.get("model_file")).get("format"),
+        "file_run": as_dict(metrics.get("model_file")).get("file"),
+        "quantization": as_dict(metrics.get("model_file")).get("quantization") or c.get("quantization"),
         "contract_stored": contract is not None,
         "contract_format": c.get("format"),
         "architecture": _architecture(weights),

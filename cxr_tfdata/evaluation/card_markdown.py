@@ -52,6 +52,8 @@ def _md_model(model: dict, training: dict | None) -> str:
         "## Model",
         "",
         f"- Model file: {code(model['path'])}",
+        f"- Format evaluated: {plain(model.get('format'))} (file run: {code(model.get('file_run'))})",
+        f"- Quantization: {quantization_text(model.get('quantization'))}",
         f"- Contract: {_md_contract(model)}",
         f"- Architecture: {model['architecture']}",
         f"- Weights at the start of training: {plain(model['weights'])}",
@@ -70,6 +72,15 @@ def _md_model(model: dict, training: dict | None) -> str:
         _md_training_table(training),
     ]
     return "\n".join(lines)
+
+
+def quantization_text(block: dict | None) -> str:
+    """The contract's quantization block in one line: its method, then every guard figure."""
+    if not isinstance(block, dict) or not block:
+        return "none (float32 weights as trained)"
+    method = block.get("method") or block.get("quantize") or "unknown method"
+    figures = "; ".join(f"{key}: {plain(value)}" for key, value in block.items() if key not in ("method", "quantize"))
+    return f"{method}" + (f" ({figures})" if figures else "")
 
 
 def _md_contract(model: dict) -> str:

@@ -28,7 +28,7 @@ from cxr_tfdata.evaluation import (
 from cxr_tfdata.evaluation.evaluate_config import EvaluateConfig
 from cxr_tfdata.files import atomic, locking, output_safety
 from cxr_tfdata.modeling import contract as contract_lib
-from cxr_tfdata.modeling import feeding, loading
+from cxr_tfdata.modeling import feeding, loading, runtimes
 
 PROGRAM = "cxr-evaluate"
 # Everything cxr-evaluate writes into --output_dir; no other file there is touched.
@@ -56,12 +56,13 @@ def _check_inputs(config: EvaluateConfig) -> _Inputs:
     """Loads the model and checks it against the data and the output folder, before any work: the
     records (or the image folder) must be prepared as the model's contract says."""
     inputs = {"--model": config.model_path, "--data_dir": config.data_dir, "--images_dir": config.images_dir}
+    inputs.update({f"--model's file {i + 1}": path for i, path in enumerate(runtimes.companion_files(config.model_path))})
     # The folder only receives files of fixed names, so it may hold the model it evaluates; none of
     # those files may be an input.
     output_safety.check_apart("--output_dir", config.output_dir, inputs, may_contain_inputs=True)
     for name in EVALUATION_FILES:
         output_safety.check_apart("--output_dir", os.path.join(config.output_dir, name), inputs)
-    model = loading.load_model(config.model_path)
+    model = runtimes.open_model(config.model_path)
     image_size = loading.model_image_size(model, config.model_path)
     model_contract = contract_lib.read(model)
     if model_contract is None:
@@ -155,6 +156,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
                                 results.calibration_block(predictions, checked.contract, val_predictions, config.val_split,
                                                           checked.prevalence, config.bootstrap_samples, config.seed),
                                 _source(config, checked, excluded), checked.contract)
+        metrics["model_file"] = runtimes.describe(checked.model, config.model_path)  # format, file, quantization
         atomic.write_text(os.path.join(folder, "predictions.csv"), results.predictions_csv(predictions, metrics))
         plots.write_all(predictions.labels, predictions.probabilities, metrics, folder,
                         results.calibrated_probabilities(predictions, metrics))
@@ -183,6 +185,7 @@ def _estimate_prevalence(config: EvaluateConfig, checked: _Inputs) -> dict[str, 
             checked.model, checked.records, checked.image_size, config.images_dir, config.batch_size,
             int(config.max_file_mb * (1 << 20)), checked.contract, checked.unlabelled_reference,
             config.bootstrap_samples, config.seed, patient_key=_patient_key(config), redact_paths=config.redact_paths)
+        metrics["model_file"] = runtimes.describe(checked.model, config.model_path)
         atomic.write_text(os.path.join(folder, "predictions.csv"), csv)
         atomic.write_text(os.path.join(folder, "report.md"), site_prevalence.markdown_report(metrics))
         atomic.write_json(os.path.join(folder, "metrics.json"), metrics)

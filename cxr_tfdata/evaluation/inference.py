@@ -87,7 +87,7 @@ def predict_folder(model, records, image_size: int, images_dir: str, batch_size:
     excluded += [Excluded(shown.full(entry.path), entry.reason) for entry in unusable]
     rows = image_scoring.predict_rows(
         model, [f.path for f in files], image_size, records.resize == "pad", record_schema.DEFAULT_THRESHOLD, batch_size,
-        records.record_encoding, records.jpeg_quality, max_file_bytes)
+        records.record_encoding, records.jpeg_quality, max_file_bytes, keep_pixels=False)
     kept = []
     for source, row in zip(files, rows, strict=True):
         if row.error:

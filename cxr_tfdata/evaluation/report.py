@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cxr_tfdata.evaluation.card_markdown import quantization_text
 from cxr_tfdata.evaluation.formatting import METRIC_LABELS, code, fmt, fmt_ci
 from cxr_tfdata.evaluation.inference import SplitPredictions
 from cxr_tfdata.files import table_cells
@@ -46,8 +47,8 @@ def _false_negative_text(metrics: dict[str, Any]) -> str:
     how = op["chosen_by"]
     val_part = ""
     if op.get("val_recall") is not None:
-        val_part = (f" On the {op['val_split']} split it gave sensitivity {op['val_recall']:.4f} "
-                    f"(target {op['target_recall']}).")
+        where = op.get("val_measured_on") or f"the {op['val_split']} split"
+        val_part = f" On {where} it gave sensitivity {op['val_recall']:.4f} (target {op['target_recall']})."
     return (
         "A missed pneumonia (false negative) is the costly error here: a sick child may go untreated, "
         "while a false alarm costs a second look. The operating threshold "
@@ -120,6 +121,15 @@ def _excluded_text(metrics: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _model_file_lines(metrics: dict[str, Any]) -> list[str]:
+    """Which format and file was evaluated, and its quantization (cxr-export's guard figures), when known."""
+    model_file = metrics.get("model_file") or {}
+    if not model_file:
+        return []
+    return [f"Format evaluated: {model_file.get('format')} (file run: {code(model_file.get('file'))}); "
+            f"quantization: {quantization_text(model_file.get('quantization'))}  "]
+
+
 def markdown_report(metrics: dict[str, Any], predictions: SplitPredictions) -> str:
     """report.md: summary, intervals, confusion matrices, false negatives, calibration, classification
     reports, plots, and (for an image folder) the files it could not read."""
@@ -132,6 +142,7 @@ def markdown_report(metrics: dict[str, Any], predictions: SplitPredictions) -> s
         f"# Evaluation on {_evaluated(metrics)}",
         "",
         f"Model: {code(metrics['model'])}  ",
+        *_model_file_lines(metrics),
         f"Data: {code(source['path'])} ({metrics['n']} images; {counts}{excluded})  ",
         f"Decision rule: {metrics['decision_rule']}.",
         "",

@@ -194,6 +194,37 @@ def saved_model_problems(folder: str) -> list[str]:
     return [f"entries cxr-export did not write: {_describe(foreign, folder)}"] if foreign else []
 
 
+# cxr-export's other formats (--format): the model file(s) beside the export's description, cxr_export.json.
+# (modeling/portable_formats.MODEL_FILES names the same files.)
+PORTABLE_EXPORT_FILES = {"onnx": ("model.onnx",), "openvino": ("model.xml", "model.bin"),
+                         "tflite": ("model.tflite",)}
+PORTABLE_EXPORT_MARKER = os.path.basename(EXPORT_MARKER)
+
+
+def portable_export_problems(folder: str) -> list[str]:
+    """Why `folder` is not an ONNX, OpenVINO or LiteRT export written by cxr-export; [] when it is: its
+    cxr_export.json names cxr-export and the format, and the folder holds exactly that format's files."""
+    marker_path = os.path.join(folder, PORTABLE_EXPORT_MARKER)
+    marker = _read_json(marker_path) if _is_plain_file(marker_path) else None
+    if not isinstance(marker, dict) or marker.get("written_by") != "cxr-export":
+        return [f"no {PORTABLE_EXPORT_MARKER} written by cxr-export"]
+    files = PORTABLE_EXPORT_FILES.get(marker.get("format"))
+    if files is None:
+        return [f"{PORTABLE_EXPORT_MARKER} names no format cxr-export writes ({marker.get('format')!r})"]
+    missing = [name for name in files if not _is_plain_file(os.path.join(folder, name))]
+    foreign = _foreign_entries(folder, {PORTABLE_EXPORT_MARKER, *files})
+    return ([f"missing {', '.join(missing)}"] if missing else []) + (
+        [f"entries cxr-export did not write: {_describe(foreign, folder)}"] if foreign else [])
+
+
+def export_problems(folder: str) -> list[str]:
+    """Why `folder` is not an export of cxr-export in any format (SavedModel, ONNX, OpenVINO, LiteRT)."""
+    if os.path.lexists(os.path.join(folder, "saved_model.pb")):
+        return saved_model_problems(folder)
+    portable = portable_export_problems(folder)
+    return portable if os.path.lexists(os.path.join(folder, PORTABLE_EXPORT_MARKER)) else ["no saved_model.pb"] + portable
+
+
 def check_replaceable(output_flag: str, folder: str, what: str, problems: list[str]) -> None:
     """Refuses to replace `folder` unless it is `what` (a recognised output) with nothing else in it."""
     if not os.path.lexists(folder):

@@ -107,6 +107,21 @@ def resolve_prevalence(model_contract: dict | None, model_path: str, prevalence:
                              f"--prevalence={prevalence}, moved from {stored.value:.4g}, {stored.source}")
 
 
+EXPORTED_PREVALENCE_SOURCE = "cxr-export --prevalence"
+
+
+def exported_contract(reading: Reading, prevalence: float | None) -> dict | None:
+    """The contract an export embeds: the reading's, with a --prevalence folded into its calibration as the
+    export's graph applies it (logit_shift += the prevalence shift; calibrated_prevalence: P), so every reader
+    of the export reports the calibrated probabilities at P and a further --prevalence moves from P. The
+    reading's contract unchanged without a --prevalence (or without a contract)."""
+    if prevalence is None or reading.contract is None or reading.prevalence.assumed is None:
+        return reading.contract
+    return {**reading.contract, "logit_shift": reading.calibration_shift,
+            "calibrated_prevalence": reading.prevalence.assumed,
+            "calibrated_prevalence_source": EXPORTED_PREVALENCE_SOURCE}
+
+
 def _checked_prevalence(value: float) -> float:
     try:
         return prevalence_lib.check_prevalence(value, "the prevalence")

@@ -3,7 +3,11 @@ records' JPEG round trip, then the model; a file that cannot be used gets its re
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
+import functools
+import itertools
 import os
 
 import keras
@@ -51,41 +55,72 @@ def load_image(path: str, image_size: int, pad: bool, record_encoding: str = "pn
     return pixels
 
 
-def _read_rows(paths: list[str], image_size: int, pad: bool, record_encoding: str,
-               jpeg_quality: int, max_file_bytes: int) -> list[PredictionRow]:
-    rows = []
-    for path in paths:
-        row = PredictionRow(path=path)
-        try:
-            pixels = load_image(path, image_size, pad, record_encoding, jpeg_quality, max_file_bytes)
-        except imaging.ImageError as e:
-            row.error = f"cannot read image: {e}"
+# Files read and decoded in threads while the model scores the batch before (PIL, TensorFlow's JPEG
+# decode and NumPy release the GIL): at most two batches of pixels wait at any time.
+DECODE_WORKERS = 2
+
+
+def _read_row(path: str, image_size: int, pad: bool, record_encoding: str, jpeg_quality: int,
+              max_file_bytes: int) -> PredictionRow:
+    row = PredictionRow(path=path)
+    try:
+        pixels = load_image(path, image_size, pad, record_encoding, jpeg_quality, max_file_bytes)
+    except imaging.ImageError as e:
+        row.error = f"cannot read image: {e}"
+    else:
+        if float(np.std(pixels)) < imaging.NEAR_CONSTANT_STD:
+            row.error = (f"near-constant image (pixel standard deviation {float(np.std(pixels)):.2f}): "
+                         f"blank, or damaged data behind an intact header; not predicted")
         else:
-            if float(np.std(pixels)) < imaging.NEAR_CONSTANT_STD:
-                row.error = (f"near-constant image (pixel standard deviation {float(np.std(pixels)):.2f}): "
-                             f"blank, or damaged data behind an intact header; not predicted")
-            else:
-                row.pixels = pixels
-        rows.append(row)
-    return rows
+            row.pixels = pixels
+    return row
+
+
+def _rows_in_order(paths: list[str], read, workers: int, ahead: int):
+    """`read(path)` of every path, in order. With workers, up to `ahead` files are being read in threads
+    while the caller scores the rows already yielded; workers=0 reads each one when it is needed."""
+    if workers < 1:
+        yield from map(read, paths)
+        return
+    remaining = iter(paths)
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="cxr-decode") as pool:
+        pending = collections.deque(pool.submit(read, path) for path in itertools.islice(remaining, ahead))
+        try:
+            while pending:
+                row = pending.popleft().result()
+                for path in itertools.islice(remaining, 1):
+                    pending.append(pool.submit(read, path))
+                yield row
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def predict_rows(model: keras.Model, paths: list[str], image_size: int, pad: bool,
                  threshold: float, batch_size: int, record_encoding: str = "png",
                  jpeg_quality: int = imaging.DEFAULT_JPEG_QUALITY,
                  max_file_bytes: int = int(imaging.DEFAULT_MAX_FILE_MB * (1 << 20)),
-                 temperature: float | None = None, logit_shift: float = 0.0) -> list[PredictionRow]:
-    """One row per path: probability, calibrated probability (with `temperature` and `logit_shift`;
-    the probability itself without a temperature) and class name at `threshold`, or the reason it
-    failed."""
-    rows = _read_rows(paths, image_size, pad, record_encoding, jpeg_quality, max_file_bytes)
-    readable = [row for row in rows if row.pixels is not None]
-    progress = Progress(len(readable), "predicted")
-    for start in range(0, len(readable), batch_size):
-        batch = readable[start:start + batch_size]
-        probabilities = np.asarray(
-            model.predict_on_batch(np.stack([row.pixels for row in batch])), np.float32
-        ).reshape(-1)
+                 temperature: float | None = None, logit_shift: float = 0.0, *,
+                 decode_workers: int = DECODE_WORKERS, keep_pixels: bool = True) -> list[PredictionRow]:
+    """One row per path, in order: probability, calibrated probability (with `temperature` and
+    `logit_shift`; the probability itself without a temperature) and class name at `threshold`, or the
+    reason it failed. `model`: a keras.Model or a runtimes.PortableModel, fed float32 [N, S, S, 1].
+
+    The files of the next batch are read and decoded by `decode_workers` threads while a batch is scored
+    (0: one file at a time, in this thread); the batches are the same either way. Without keep_pixels
+    (Grad-CAM needs them) a row's pixels are dropped once scored, so memory stays at about two batches.
+    """
+    read = functools.partial(_read_row, image_size=image_size, pad=pad, record_encoding=record_encoding,
+                             jpeg_quality=jpeg_quality, max_file_bytes=max_file_bytes)
+    rows: list[PredictionRow] = []
+    batch: list[PredictionRow] = []
+    progress = Progress(len(paths), "read and predicted")
+    scored = 0
+
+    def score() -> None:
+        nonlocal scored
+        pixels = np.stack([row.pixels for row in batch]).astype(np.float32)
+        probabilities = np.asarray(model.predict_on_batch(pixels), np.float32).reshape(-1)
         calibrated = (probabilities if temperature is None else
                       calibration.apply_temperature(probabilities, temperature, logit_shift))
         for row, probability, calibrated_probability in zip(batch, probabilities.tolist(), calibrated.tolist(),
@@ -93,5 +128,19 @@ def predict_rows(model: keras.Model, paths: list[str], image_size: int, pad: boo
             row.probability = probability
             row.calibrated_probability = calibrated_probability
             row.label = record_schema.CLASS_NAMES[int(probability >= threshold)]
-        progress.advance(len(batch))
+            if not keep_pixels:
+                row.pixels = None
+        batch.clear()
+        progress.advance(len(rows) - scored)
+        scored = len(rows)
+
+    for row in _rows_in_order(paths, read, decode_workers, 2 * batch_size):
+        rows.append(row)
+        if row.pixels is not None:
+            batch.append(row)
+            if len(batch) == batch_size:
+                score()
+    if batch:
+        score()
+    progress.advance(len(rows) - scored)
     return rows

@@ -105,6 +105,8 @@ def check_binary_output(model: keras.Model, path: str = "") -> None:
 
 def model_image_size(model: keras.Model, path: str = "") -> int:
     """The square image size S of a model whose input is [None, S, S, 1] raw pixels."""
+    if not isinstance(model, keras.Model) and isinstance(getattr(model, "image_size", None), int):
+        return model.image_size  # runtimes.PortableModel: read from its file's input shape
     shape = tuple(model.inputs[0].shape) if model.inputs else ()
     if len(shape) != 4 or shape[1] is None or shape[1] != shape[2] or shape[3] != 1:
         raise ModelLoadError(

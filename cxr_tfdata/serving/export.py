@@ -6,6 +6,8 @@ temperature applied), `label` tf.string [None] ("PNEUMONIA" when probability >= 
 threshold, else "NORMAL") and `error` tf.string [None]. One bad image never fails the batch: its row
 has probability NaN, label "" and the reason in `error` ("" for a scored image). The model's
 contract is saved beside the graph as assets/cxr_export.json, readable without TensorFlow.
+A second signature, `serving_pixels` (portable_formats.SAVED_MODEL_PIXELS_SIGNATURE), takes the
+preprocessed pixels every other format takes (`pixels_function`); serving/portable_export.py writes those.
 Before anything is decoded, each image's format and size are read from its header bytes: other
 formats, corrupt headers and images announcing more than imaging.MAX_IMAGE_PIXELS pixels are
 refused there (a decompression bomb is never decoded). The rest are decoded in a tf.data pipeline
@@ -34,9 +36,10 @@ import tensorflow as tf
 from absl import logging
 
 from cxr_tfdata.core import imaging, record_schema
+from cxr_tfdata.core.config import require
 from cxr_tfdata.files import folder_swap, locking, output_safety
 from cxr_tfdata.metrics import calibration
-from cxr_tfdata.modeling import feeding, loading
+from cxr_tfdata.modeling import feeding, loading, portable_formats
 from cxr_tfdata.serving import imaging_in_graph
 
 SIGNATURE_KEY = "serving_default"
@@ -48,6 +51,8 @@ ERROR_KEY = "error"
 PROGRAM = "cxr-export"
 # The export's description, readable without TensorFlow; its presence marks cxr-export's folders.
 DESCRIPTION_ASSET = os.path.basename(output_safety.EXPORT_MARKER)
+# What a staging folder of any format holds (portable_export writes "export" and "work").
+STAGING_ENTRIES = (DESCRIPTION_ASSET, "saved_model", "export", "work")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +70,11 @@ class ExportConfig:
     threshold: float | None = None
     data_dir: str = ""  # the training dataset, when given: checked against the model's contract
     prevalence: float | None = None  # the site's PNEUMONIA prevalence the calibrated probabilities assume
+    format: str = "saved_model"  # portable_formats.FORMATS
+    quantize: str = "none"  # portable_formats.QUANTIZATIONS, as SUPPORTED_QUANTIZATIONS allows for the format
+    calibration_images: int = 200  # int8: images of --data_dir's train split to calibrate on
+    max_auc_drop: float = 0.005  # the guard: val ROC-AUC of the float model minus the quantized one's
+    max_label_flips: float = 0.01  # the guard: share of val images whose label at the threshold changes
 
     def __post_init__(self):
         if not self.model_path:
@@ -73,6 +83,22 @@ class ExportConfig:
             raise ValueError("--output_dir: is required")
         feeding.check_reading_flags(self.resize, self.record_encoding, self.jpeg_quality, self.threshold,
                                     self.prevalence)
+        formats, quantizations = portable_formats.FORMATS, portable_formats.QUANTIZATIONS
+        require(self.format in formats, "format", f"must be one of {', '.join(formats)}, got {self.format!r}")
+        require(self.quantize in quantizations, "quantize",
+                f"must be one of {', '.join(quantizations)}, got {self.quantize!r}")
+        supported = portable_formats.SUPPORTED_QUANTIZATIONS[self.format]
+        require(self.quantize in supported, "quantize",
+                f"{self.quantize} is not available with --format={self.format}, which supports --quantize="
+                f"{' or '.join(supported)}")
+        require(self.quantize == "none" or bool(self.data_dir), "quantize",
+                f"{self.quantize} needs --data_dir (the training records: its train split calibrates, its val "
+                f"split is scored by the guard)")
+        require(1 <= self.calibration_images <= 100_000, "calibration_images",
+                f"must be in [1, 100000], got {self.calibration_images}")
+        require(-1.0 <= self.max_auc_drop <= 1.0, "max_auc_drop", f"must be in [-1, 1], got {self.max_auc_drop}")
+        require(0.0 <= self.max_label_flips <= 1.0, "max_label_flips",
+                f"must be in [0, 1] (a share of the val images), got {self.max_label_flips}")
 
 
 def _calibrated(probability: tf.Tensor, temperature: float | None, logit_shift: float = 0.0) -> tf.Tensor:
@@ -135,6 +161,19 @@ def serving_function(model: keras.Model, image_size: int, pad: bool = False, jpe
     return serve
 
 
+def pixels_function(model: keras.Model, image_size: int):
+    """The model alone on preprocessed pixels, as every non-SavedModel format and the SavedModel's
+    `serving_pixels` signature take them: float32 [N, S, S, 1] grey values 0..255 -> float32 [N, 1]."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 1], tf.float32,
+                                                name=portable_formats.PIXELS_INPUT)])
+    def score(pixels):
+        probability = tf.reshape(tf.cast(model(pixels, training=False), tf.float32), [-1, 1])
+        return {portable_formats.PROBABILITY_OUTPUT: probability}
+
+    return score
+
+
 class ServingModule(tf.Module):
     """What the SavedModel holds: the serving function, exactly the variables it reads, and the
     description asset.
@@ -154,7 +193,11 @@ class ServingModule(tf.Module):
                              temperature=temperature, logit_shift=logit_shift),
             input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_KEY)],
         )
-        self.captured_variables = list(self.serve.get_concrete_function().variables)
+        self.serve_pixels = pixels_function(model, self.image_size)
+        variables = {id(v): v for v in self.serve.get_concrete_function().variables}
+        for v in self.serve_pixels.get_concrete_function().variables:
+            variables.setdefault(id(v), v)
+        self.captured_variables = list(variables.values())
         if description_path:
             self.description = tf.saved_model.Asset(description_path)
 
@@ -175,6 +218,12 @@ def description(image_size: int, reading: feeding.Reading, model_path: str = "")
                     LABEL_KEY: "string [None]: PNEUMONIA when probability >= operating_threshold, else NORMAL; "
                                "empty where the image was refused",
                     ERROR_KEY: "string [None]: why the image was refused; empty where it was scored"},
+        "pixels_signature": {
+            "name": portable_formats.SAVED_MODEL_PIXELS_SIGNATURE,
+            "input": {portable_formats.PIXELS_INPUT: "float32 [None, image_size, image_size, 1]: grey values "
+                                                     "0..255 as cxr_tfdata.modeling.image_scoring.load_image "
+                                                     "returns them (no decoding, no refusals in the graph)"},
+            "outputs": {portable_formats.PROBABILITY_OUTPUT: "float32 [None, 1]: probability of PNEUMONIA"}},
         "image_size": image_size,
         "resize": records.resize,
         "record_encoding": records.record_encoding,
@@ -200,9 +249,9 @@ def check_output(output_dir: str, overwrite: bool, inputs: dict[str, str]) -> No
         return
     if not overwrite:
         raise FileExistsError(f"--output_dir: {output_dir} already exists (pass --overwrite to replace "
-                              f"it; only a SavedModel written by cxr-export is replaced)")
-    output_safety.check_replaceable("--output_dir", output_dir, "a SavedModel written by cxr-export",
-                              output_safety.saved_model_problems(output_dir))
+                              f"it; only a folder written by cxr-export is replaced)")
+    output_safety.check_replaceable("--output_dir", output_dir, "a SavedModel written by cxr-export (or an ONNX, "
+                                    "OpenVINO or LiteRT export of it)", output_safety.export_problems(output_dir))
 
 
 def export_saved_model(model: keras.Model, output_dir: str, reading: feeding.Reading | None = None,
@@ -222,7 +271,7 @@ def export_saved_model(model: keras.Model, output_dir: str, reading: feeding.Rea
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
     with locking.exclusive_lock(locking.lock_path_beside(output_dir), f"--output_dir={output_dir}", PROGRAM):
-        folder_swap.recover(output_dir, output_safety.saved_model_problems, (DESCRIPTION_ASSET, "saved_model"), inputs)
+        folder_swap.recover(output_dir, output_safety.export_problems, STAGING_ENTRIES, inputs)
         check_output(output_dir, overwrite, inputs)  # again, now that no other export can change it
         staging = folder_swap.staging_path(output_dir)
         os.makedirs(staging)
@@ -234,7 +283,8 @@ def export_saved_model(model: keras.Model, output_dir: str, reading: feeding.Rea
             module = ServingModule(model, reading.records.resize == "pad", reading.records.round_trip_quality,
                                    asset, reading.threshold, reading.temperature, reading.calibration_shift)
             saved = os.path.join(staging, "saved_model")
-            tf.saved_model.save(module, saved, signatures={SIGNATURE_KEY: module.serve})
+            tf.saved_model.save(module, saved, signatures={
+                SIGNATURE_KEY: module.serve, portable_formats.SAVED_MODEL_PIXELS_SIGNATURE: module.serve_pixels})
             folder_swap.swap_into_place(saved, output_dir)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -251,11 +301,18 @@ def export(config: ExportConfig) -> str:
     reading = feeding.resolve_reading(model, config.model_path, config.data_dir, resize=config.resize,
                                       record_encoding=config.record_encoding, jpeg_quality=config.jpeg_quality,
                                       threshold=config.threshold, prevalence=config.prevalence)
+    # The embedded contract records the calibration as exported (the graph applies reading.calibration_shift
+    # once, as before), so readers of the export report what its calibrated_probability output does.
+    reading = dataclasses.replace(reading, contract=feeding.exported_contract(reading, config.prevalence))
     calibrated = ("no calibration stored" if reading.temperature is None else
                   f"calibration: temperature {reading.temperature:.4g}, logit shift {reading.logit_shift:.4g}; "
                   f"{reading.prevalence.description}")
     logging.info("exporting %s to %s (%d px, resize %s, records %s; labels at %.4g: %s; %s)",
                  config.model_path, config.output_dir, image_size, reading.records.resize,
                  reading.records.record_encoding, reading.threshold, reading.threshold_source, calibrated)
+    if config.format != "saved_model":
+        from cxr_tfdata.serving import portable_export
+
+        return portable_export.export_portable(model, config, reading)
     return export_saved_model(model, config.output_dir, reading, config.overwrite, model_path=config.model_path,
                               data_dir=config.data_dir)

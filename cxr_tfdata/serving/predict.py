@@ -17,7 +17,7 @@ from absl import logging
 
 from cxr_tfdata.core import imaging, patient_keys
 from cxr_tfdata.files import atomic, locking, output_safety, table_cells
-from cxr_tfdata.modeling import feeding, image_scoring
+from cxr_tfdata.modeling import feeding, image_scoring, runtimes
 from cxr_tfdata.modeling.image_scoring import PredictionRow
 from cxr_tfdata.serving import gradcam
 
@@ -112,6 +112,7 @@ def check_outputs(config: PredictConfig) -> None:
     path without --overwrite: a header like ours is no proof that cxr-predict wrote the file (it may
     be a reviewed copy with notes), so only the user can say it may be replaced."""
     inputs = {"--model": config.model_path, "--data_dir": config.data_dir}
+    inputs.update({f"--model's file {i + 1}": path for i, path in enumerate(runtimes.companion_files(config.model_path))})
     inputs.update({f"image path {i + 1}": path for i, path in enumerate(config.paths)})
     if config.output_csv:
         output_safety.check_apart("--output_csv", config.output_csv, inputs)
@@ -126,12 +127,22 @@ def check_outputs(config: PredictConfig) -> None:
             raise output_safety.UnsafeOutputError(f"--gradcam_dir={config.gradcam_dir} is a file, not a folder")
 
 
+def check_gradcam_model(config: PredictConfig) -> None:
+    """Refuses --gradcam_dir with a model that is not a .keras file: Grad-CAM needs the Keras layers' gradients."""
+    if config.gradcam_dir and os.path.exists(config.model_path):
+        fmt, _ = runtimes.detect_format(config.model_path)
+        if fmt != runtimes.KERAS:
+            raise ValueError(f"--gradcam_dir: needs a .keras --model (Grad-CAM reads the Keras layers' gradients); "
+                             f"--model={config.model_path} is {fmt}: drop --gradcam_dir or give the .keras model")
+
+
 def predict(config: PredictConfig, stream: io.TextIOBase) -> list[PredictionRow]:
     """Runs cxr-predict: the CSV to `config.output_csv` (atomically) or to `stream`."""
 
     config = dataclasses.replace(
         config, output_csv=output_safety.canonical(config.output_csv) if config.output_csv else "",
         gradcam_dir=output_safety.canonical(config.gradcam_dir) if config.gradcam_dir else "")
+    check_gradcam_model(config)
     check_outputs(config)
     with contextlib.ExitStack() as locks:
         for flag, path in (("--output_csv", config.output_csv), ("--gradcam_dir", config.gradcam_dir)):
@@ -146,7 +157,7 @@ def predict(config: PredictConfig, stream: io.TextIOBase) -> list[PredictionRow]
 def _predict_locked(config: PredictConfig, stream: io.TextIOBase) -> list[PredictionRow]:
     from cxr_tfdata.modeling import loading
 
-    model = loading.load_model(config.model_path)
+    model = runtimes.open_model(config.model_path)
     image_size = loading.model_image_size(model, config.model_path)
     reading = feeding.resolve_reading(model, config.model_path, config.data_dir, resize=config.resize,
                               record_encoding=config.record_encoding, jpeg_quality=config.jpeg_quality,
@@ -157,14 +168,15 @@ def _predict_locked(config: PredictConfig, stream: io.TextIOBase) -> list[Predic
     if not paths:
         raise ValueError(f"no image files found in {list(config.paths)}")
     records = reading.records
-    logging.info("predicting %d file(s) with %s at %d px (resize %s, records %s); labels at threshold %.4g (%s)",
-                 len(paths), config.model_path, image_size, records.resize, records.record_encoding,
+    logging.info("predicting %d file(s) with %s (%s) at %d px (resize %s, records %s); labels at threshold %.4g (%s)",
+                 len(paths), config.model_path, runtimes.describe(model, config.model_path)["format"], image_size, records.resize, records.record_encoding,
                  reading.threshold, reading.threshold_source)
     if reading.temperature is not None:
         logging.info("calibrated_probability: %s", reading.prevalence.description)
     rows = image_scoring.predict_rows(model, paths, image_size, records.resize == "pad", reading.threshold,
                         config.batch_size, records.record_encoding, records.jpeg_quality,
-                        int(config.max_file_mb * (1 << 20)), reading.temperature, reading.calibration_shift)
+                        int(config.max_file_mb * (1 << 20)), reading.temperature, reading.calibration_shift,
+                        keep_pixels=bool(config.gradcam_dir))
     if config.gradcam_dir:
         written = gradcam.write_gradcams(model, rows, config.gradcam_dir, config.batch_size, reading.threshold,
                                          reading.threshold_source, records.resize == "pad",
