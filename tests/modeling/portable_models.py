@@ -1,5 +1,6 @@
 """The tiny model of eval_fixtures, with a contract, written in every format the readers take, built once
-per test process with the recipes of the serving prototype (until cxr-export writes them itself).
+per test process with conversion code of its own (not cxr-export's), so the readers are checked against files
+the exporter did not write.
 
 Each format takes float32 [N, S, S, 1] pixels 0..255 and gives [N, 1] probabilities, with the contract in
 its own metadata under portable_formats.CONTRACT_KEY (ONNX metadata_props, OpenVINO rt_info, LiteRT
