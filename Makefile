@@ -34,7 +34,10 @@ demo: install
 	$(BIN)/cxr-predict --model=$(DEMO_DIR)/model/final.keras --output_csv=$(DEMO_DIR)/predictions.csv \
 		--gradcam_dir=$(DEMO_DIR)/gradcam $(DEMO_DIR)/images/test
 	$(BIN)/cxr-export --model=$(DEMO_DIR)/model/final.keras --output_dir=$(DEMO_DIR)/export
-	@echo "demo outputs in $(DEMO_DIR)/: records, model, eval/ (report.md, MODEL_CARD.md, metrics.json), eval_images/, predictions.csv, gradcam/, export"
+	$(BIN)/cxr-export --model=$(DEMO_DIR)/model/final.keras --output_dir=$(DEMO_DIR)/export_openvino --format=openvino
+	$(BIN)/cxr-predict --model=$(DEMO_DIR)/export_openvino --output_csv=$(DEMO_DIR)/predictions_openvino.csv \
+		$(DEMO_DIR)/images/test
+	@echo "demo outputs in $(DEMO_DIR)/: records, model, eval/ (report.md, MODEL_CARD.md, metrics.json), eval_images/, predictions.csv, gradcam/, export (SavedModel), export_openvino, predictions_openvino.csv"
 
 test: install
 	$(BIN)/ruff check cxr_tfdata tfrecords_builder tests benchmarks
