@@ -16,10 +16,12 @@ rows; a decoded image that is near-constant (damaged scan data behind an intact 
 flat grey) is refused too. In the graph each image is decoded to one channel as the converter
 decodes it (a JPEG at the converter's reduced DCT scale), resized to the model's size with PIL's
 bilinear arithmetic -- squashed to a square, or with resize="pad" letterboxed on black with the
-converter's geometry -- so its pixels match the converter's (on 318 of the 321 originals exactly,
-on the other 3 within one grey level; benchmarks/serving_parity.py). PNGs (alpha composited on black,
+converter's geometry -- so its pixels match the converter's (on all 321 originals exactly;
+benchmarks/serving_parity.py). PNGs (alpha composited on black,
 16-bit, palette) give the converter's pixels exactly; a CMYK JPEG, whose conversion TensorFlow cannot
-repeat, is refused with imaging_in_graph.CMYK_REASON. With
+repeat, is refused with imaging_in_graph.CMYK_REASON. The EXIF orientation is applied after the decode and
+before the resize, as the converter applies it (imaging_in_graph.exif_orientation); an orientation the graph
+cannot read as PIL does is refused with imaging_in_graph.UNREADABLE_ORIENTATION_REASON. With
 record_encoding="jpeg" the pixels then go through the records' JPEG round trip (as cxr-predict does). The model itself then applies the ResNet scaling. All of these settings come from the
 model's contract; a model without one is exported with the flags given (or the converter's defaults).
 """
@@ -123,7 +125,10 @@ def serving_function(model: keras.Model, image_size: int, pad: bool = False, jpe
         index = tf.range(count, dtype=tf.int32)
         is_jpeg, is_png, header_ok, hw, is_cmyk = imaging_in_graph.header_sizes(image_bytes, count, index)
         size_ok = (hw[:, 0] > 0) & (hw[:, 1] > 0) & (hw[:, 0] * hw[:, 1] <= max_pixels)
-        admitted = header_ok & size_ok & ~is_cmyk
+        # An EXIF orientation the graph cannot read as PIL does would be applied otherwise than the converter does.
+        orientation_readable = tf.map_fn(lambda b: imaging_in_graph.exif_orientation(b)[1], image_bytes,
+                                         fn_output_signature=tf.bool)
+        admitted = header_ok & size_ok & ~is_cmyk & orientation_readable
         decoded = tf.data.Dataset.from_tensor_slices(
             (tf.boolean_mask(index, admitted), tf.boolean_mask(image_bytes, admitted)))
         decoded = decoded.map(lambda i, b: (i, imaging_in_graph.decode_image_bytes(b, image_size, pad, jpeg_quality)),
@@ -148,6 +153,8 @@ def serving_function(model: keras.Model, image_size: int, pad: bool = False, jpe
         error = tf.where(header_ok & ~size_ok, tf.strings.join(
             ["image too large: ", size_text, f" pixels, more than the {max_pixels} pixel limit; not decoded"]), error)
         error = tf.where(header_ok & ((hw[:, 0] <= 0) | (hw[:, 1] <= 0)), "image has no pixels", error)
+        error = tf.where(header_ok & size_ok & ~is_cmyk & ~orientation_readable,
+                         imaging_in_graph.UNREADABLE_ORIENTATION_REASON, error)
         error = tf.where(header_ok & size_ok & is_cmyk, imaging_in_graph.CMYK_REASON, error)
         error = tf.where(is_jpeg & ~header_ok, "corrupt JPEG header", error)
         error = tf.where(~is_jpeg & ~is_png, "not a JPEG or PNG image", error)

@@ -2,7 +2,7 @@
 serving graph: JPEGs at the converter's reduced DCT scale with libjpeg's accurate DCT, PIL's 8-bit
 bilinear arithmetic (two passes, 8-bit in between), the letterbox's geometry, and each image's format
 and size read from its header bytes before anything is decoded. On the 321 original radiographs the
-pixels equal the converter's for 318 and are within one grey level for 3 (benchmarks/serving_parity.py).
+pixels equal the converter's for all 321 (benchmarks/serving_parity.py).
 """
 
 from __future__ import annotations
@@ -52,12 +52,28 @@ def _pil_bilinear_pass(image: tf.Tensor, out_size) -> tf.Tensor:
 
 
 def _resize_rounded(image: tf.Tensor, height, width) -> tf.Tensor:
-    """PIL's Image.resize(BILINEAR) of an 8-bit gray image in-graph: the horizontal pass, stored in
-    8 bits, then the vertical pass. [H, W, 1] -> float32 [height, width, 1] integer values."""
+    """PIL's Image.resize(BILINEAR) of an 8-bit gray image in-graph: one pass, stored in 8 bits, then
+    the other. [H, W, 1] -> float32 [height, width, 1] integer values.
+
+    The order is Pillow 13's (ImagingResampleInner): the vertical pass first when the height shrinks
+    by more than twice as many rows as the width shrinks by columns, else the horizontal pass first.
+    The order changes the result by a grey level here and there.
+    """
     pixels = tf.cast(image[..., 0], tf.float64)
-    across = _pil_bilinear_pass(pixels, width)  # [H, width]
-    down = _pil_bilinear_pass(tf.transpose(across), height)  # [width, height]
-    return tf.cast(tf.transpose(down), tf.float32)[..., None]
+    shape = tf.shape(pixels)
+    rows_lost = shape[0] - tf.cast(height, tf.int32)
+    vertical_first = (rows_lost > 0) & (rows_lost > 2 * (shape[1] - tf.cast(width, tf.int32)))
+
+    def across_then_down():
+        across = _pil_bilinear_pass(pixels, width)  # [H, width]
+        return tf.transpose(_pil_bilinear_pass(tf.transpose(across), height))  # [height, width]
+
+    def down_then_across():
+        down = _pil_bilinear_pass(tf.transpose(pixels), height)  # [W, height]
+        return _pil_bilinear_pass(tf.transpose(down), width)  # [height, width]
+
+    resized = tf.cond(vertical_first, down_then_across, across_then_down)
+    return tf.cast(resized, tf.float32)[..., None]
 
 
 _DRAFT_SCALES = (1, 2, 4, 8)
@@ -175,13 +191,191 @@ def _letterbox(image: tf.Tensor, image_size: int) -> tf.Tensor:
         resized, (image_size - new_height) // 2, (image_size - new_width) // 2, image_size, image_size)
 
 
+_EXIF_PREFIX = b"Exif\0\0"
+_XMP_PREFIX = b"http://ns.adobe.com/xap/1.0/\0"
+_ORIENTATION_TAG = 0x0112
+# Why the serving graph refuses a JPEG whose EXIF orientation it cannot read as PIL does.
+UNREADABLE_ORIENTATION_REASON = "unreadable EXIF orientation: rotate the image upright and strip its EXIF first"
+
+
+def _bytes_at(encoded: tf.Tensor, offset, length: int) -> tf.Tensor:
+    """int64 [length] bytes of `encoded` from offset, zeros past its end."""
+    offset = tf.clip_by_value(tf.cast(offset, tf.int64), 0, tf.cast(tf.strings.length(encoded), tf.int64))
+    head = tf.strings.substr(tf.strings.join([tf.strings.substr(encoded, offset, length),
+                                              b"\0" * length]), 0, length)
+    return tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)
+
+
+def _jpeg_metadata_segments(encoded: tf.Tensor):
+    """The JPEG markers before the scan walked as PIL's JpegImagePlugin walks them: (start and length of
+    the first APP1 "Exif\\0\\0" payload (-1 if none), start and length of the last APP1 XMP packet
+    (-1 if none), whether the walk met something it does not follow)."""
+    size = tf.cast(tf.strings.length(encoded), tf.int64)
+    minus_one = tf.constant(-1, tf.int64)
+
+    def step(offset, exif_start, exif_length, xmp_start, xmp_length, done, odd):
+        raw = _bytes_at(encoded, offset, 4)
+        marker = raw[1]
+        fill = tf.equal(raw[0], 255) & tf.equal(marker, 255)
+        standalone = tf.equal(raw[0], 255) & (((marker >= 0xD0) & (marker <= 0xD8)) | tf.equal(marker, 0x01))
+        ends = tf.equal(raw[0], 255) & ((marker == 0xDA) | (marker == 0xD9))
+        segment = tf.equal(raw[0], 255) & ~fill & ~standalone & ~ends & (marker != 0)
+        length = raw[2] * 256 + raw[3]  # includes its own two bytes
+        payload = offset + 4
+        truncated = segment & ((length < 2) | (payload + length - 2 > size))
+        app1 = segment & ~truncated & tf.equal(marker, 0xE1)
+        head = tf.strings.substr(encoded, tf.minimum(payload, size),
+                                 tf.minimum(tf.maximum(length - 2, 0), len(_XMP_PREFIX)))
+        is_exif = app1 & tf.equal(tf.strings.substr(head, 0, len(_EXIF_PREFIX)), _EXIF_PREFIX) & (exif_start < 0)
+        is_xmp = app1 & tf.equal(tf.strings.substr(head, 0, len(_XMP_PREFIX)), _XMP_PREFIX)
+        exif_start = tf.where(is_exif, payload + len(_EXIF_PREFIX), exif_start)
+        exif_length = tf.where(is_exif, length - 2 - len(_EXIF_PREFIX), exif_length)
+        xmp_start = tf.where(is_xmp, payload + len(_XMP_PREFIX), xmp_start)
+        xmp_length = tf.where(is_xmp, length - 2 - len(_XMP_PREFIX), xmp_length)
+        unknown = ~(fill | standalone | ends | segment)
+        odd = odd | truncated | unknown
+        done = ends | truncated | unknown | (offset + 2 > size)
+        advance = tf.where(fill, tf.constant(1, tf.int64), tf.where(segment, 2 + length, tf.constant(2, tf.int64)))
+        return offset + advance, exif_start, exif_length, xmp_start, xmp_length, done, odd
+
+    start = (tf.constant(2, tf.int64), minus_one, minus_one, minus_one, minus_one, tf.constant(False),
+             tf.constant(False))
+    _, exif_start, exif_length, xmp_start, xmp_length, _, odd = tf.while_loop(
+        lambda *state: ~state[5], step, start)
+    return exif_start, exif_length, xmp_start, xmp_length, odd
+
+
+def _tiff_orientation(encoded: tf.Tensor, start: tf.Tensor, length: tf.Tensor):
+    """(found, value, ok) of tag 0x0112 in IFD0 of the TIFF block at encoded[start:start + length]
+    (start -1: no block): as PIL's Exif.load reads it, the last entry of the tag, a SHORT.
+    ok is False where PIL could read it otherwise (not a TIFF header, IFD0 outside the block, the tag
+    not one SHORT)."""
+    tiff = _bytes_at(encoded, start, 8)
+    little = tf.reduce_all(tf.equal(tiff[:4], [0x49, 0x49, 42, 0]))
+    big = tf.reduce_all(tf.equal(tiff[:4], [0x4D, 0x4D, 0, 42]))
+    # Place values of a 2- and a 4-byte field in the TIFF's byte order.
+    weights2 = tf.where(little, tf.constant([1, 256], tf.int64), tf.constant([256, 1], tf.int64))
+    weights4 = tf.where(little, tf.constant([1, 256, 65536, 16777216], tf.int64),
+                        tf.constant([16777216, 65536, 256, 1], tf.int64))
+    ifd = tf.reduce_sum(tiff[4:8] * weights4)
+    entries = tf.reduce_sum(_bytes_at(encoded, start + ifd, 2) * weights2)
+    tiff_ok = (start >= 0) & (little | big) & (ifd >= 8) & (ifd + 2 + 12 * entries <= length)
+    # In the file wherever tiff_ok (the block was checked to lie in it).
+    table = tf.strings.substr(encoded, tf.where(tiff_ok, start + ifd + 2, 0), tf.where(tiff_ok, 12 * entries, 0))
+    table = tf.reshape(tf.cast(tf.io.decode_raw(table, tf.uint8), tf.int64), [-1, 12])
+    tags = tf.reduce_sum(table[:, 0:2] * weights2, axis=1)
+    types = tf.reduce_sum(table[:, 2:4] * weights2, axis=1)
+    counts = tf.reduce_sum(table[:, 4:8] * weights4, axis=1)
+    values = tf.reduce_sum(table[:, 8:10] * weights2, axis=1)
+    is_orientation = tf.equal(tags, _ORIENTATION_TAG)
+    found = tf.reduce_any(is_orientation)
+    position = tf.range(tf.shape(tags, out_type=tf.int64)[0])
+    last = is_orientation & tf.equal(position, tf.reduce_max(tf.where(is_orientation, position, -1)))
+
+    def at_last(field):
+        return tf.reduce_sum(tf.where(last, field, 0))
+
+    short_ok = ~found | (tf.equal(at_last(types), 3) & tf.equal(at_last(counts), 1))
+    return found, tf.where(found, at_last(values), 1), (start < 0) | (tiff_ok & short_ok)
+
+
+_PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+
+
+def _png_metadata(encoded: tf.Tensor):
+    """A PNG's chunks walked to IEND, as PIL reads them by the end of load(): (start and length of the
+    last eXIf chunk's data (-1 if none), whether a text chunk could carry an orientation this graph
+    does not read: a "Raw profile type exif", or an XMP packet compressed or naming tiff:Orientation)."""
+    size = tf.cast(tf.strings.length(encoded), tf.int64)
+
+    def step(offset, exif_start, exif_length, unread, done):
+        raw = _bytes_at(encoded, offset, 8)
+        length = raw[0] * 16777216 + raw[1] * 65536 + raw[2] * 256 + raw[3]
+        kind = tf.strings.substr(encoded, tf.minimum(offset + 4, size), 4)
+        data_start = tf.minimum(offset + 8, size)
+        data = tf.strings.substr(encoded, data_start, tf.maximum(tf.minimum(length, size - data_start), 0))
+        head = tf.strings.join([tf.strings.substr(data, 0, 24), b"\0" * 24])  # substr past the end fails
+        is_exif = tf.equal(kind, b"eXIf") & (offset + 8 + length <= size)
+        exif_start = tf.where(is_exif, offset + 8, exif_start)
+        exif_length = tf.where(is_exif, length, exif_length)
+        is_text = tf.reduce_any(tf.equal(kind, _PNG_TEXT_CHUNKS))
+        raw_profile = is_text & tf.equal(tf.strings.substr(head, 0, 22), b"Raw profile type exif\0")
+        xmp = is_text & tf.equal(tf.strings.substr(head, 0, 18), b"XML:com.adobe.xmp\0")
+        compressed = tf.equal(kind, b"zTXt") | (tf.equal(kind, b"iTXt") & ~tf.equal(tf.strings.substr(head, 18, 1), b"\0"))
+        names = tf.strings.regex_full_match(data, "(?s).*tiff:Orientation.*")
+        unread = unread | raw_profile | (xmp & (compressed | names))
+        done = tf.equal(kind, b"IEND") | (offset + 12 > size)
+        return offset + 12 + length, exif_start, exif_length, unread, done
+
+    minus_one = tf.constant(-1, tf.int64)
+    start = (tf.constant(len(_PNG_MAGIC), tf.int64), minus_one, minus_one, tf.constant(False), tf.constant(False))
+    _, exif_start, exif_length, unread, _ = tf.while_loop(lambda *state: ~state[4], step, start)
+    return exif_start, exif_length, unread
+
+
+def exif_orientation(encoded: tf.Tensor):
+    """(int32 orientation as PIL's Image.getexif() gives it to ImageOps.exif_transpose (1 when none),
+    bool readable) of one encoded image, from its metadata: a JPEG's first APP1 "Exif" TIFF IFD0 tag
+    0x0112 (a SHORT, byte order "II" or "MM"), else its XMP tiff:Orientation; a PNG's eXIf chunk.
+    readable is False where PIL could read an orientation otherwise than this (a malformed or unusual
+    EXIF, a PNG's EXIF text profile or compressed XMP): the serving graph refuses such an image.
+    Other formats give (1, True)."""
+    is_jpeg = tf.equal(tf.strings.substr(encoded, 0, len(_JPEG_MAGIC)), _JPEG_MAGIC)
+    is_png = tf.equal(tf.strings.substr(encoded, 0, len(_PNG_MAGIC)), _PNG_MAGIC)
+
+    def jpeg():
+        exif_start, exif_length, xmp_start, xmp_length, odd = _jpeg_metadata_segments(encoded)
+        found, exif_value, exif_ok = _tiff_orientation(encoded, exif_start, exif_length)
+        # PIL reads XMP only when the EXIF has no orientation; the first tiff:Orientation="N" or >N.
+        xmp = tf.strings.substr(encoded, tf.maximum(xmp_start, 0), tf.maximum(xmp_length, 0))
+        xmp_pattern = "(?s).*?tiff:Orientation(?:=\"|>)([0-9]).*"
+        has_xmp = (xmp_start >= 0) & tf.strings.regex_full_match(xmp, xmp_pattern)
+        mentions_xmp = (xmp_start >= 0) & tf.strings.regex_full_match(xmp, "(?s).*tiff:Orientation.*")
+        xmp_value = tf.strings.to_number(tf.where(has_xmp, tf.strings.regex_replace(xmp, xmp_pattern, "\\1"), "1"),
+                                         tf.int64)
+        orientation = tf.where(~found & has_xmp, xmp_value, exif_value)
+        readable = ~odd & exif_ok & (found | has_xmp | ~mentions_xmp)
+        return tf.cast(orientation, tf.int32), readable
+
+    def png():
+        exif_start, exif_length, unread = _png_metadata(encoded)
+        found, value, exif_ok = _tiff_orientation(encoded, exif_start, exif_length)
+        return tf.cast(value, tf.int32), exif_ok & (found | ~unread)
+
+    def other():
+        return tf.constant(1, tf.int32), tf.constant(True)
+
+    return tf.cond(is_jpeg, jpeg, lambda: tf.cond(is_png, png, other))
+
+
+def _transposed(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
+    """ImageOps.exif_transpose of an [H, W, 1] image: 2 flip left-right, 3 rotate 180, 4 flip
+    top-bottom, 5 transpose, 6 rotate 270 (90 clockwise), 7 transverse, 8 rotate 90; else as it is."""
+    transposes = [
+        lambda: image,
+        lambda: tf.reverse(image, [1]),
+        lambda: tf.reverse(image, [0, 1]),
+        lambda: tf.reverse(image, [0]),
+        lambda: tf.transpose(image, [1, 0, 2]),
+        lambda: tf.reverse(tf.transpose(image, [1, 0, 2]), [1]),
+        lambda: tf.reverse(tf.transpose(image, [1, 0, 2]), [0, 1]),
+        lambda: tf.reverse(tf.transpose(image, [1, 0, 2]), [0]),
+    ]
+    branch = tf.where((orientation >= 2) & (orientation <= 8), orientation - 1, 0)
+    oriented = tf.switch_case(branch, transposes)
+    oriented.set_shape([None, None, 1])
+    return oriented
+
+
 def decode_image_bytes(encoded: tf.Tensor, image_size: int, pad: bool = False,
                        jpeg_quality: int | None = None) -> tf.Tensor:
     """One encoded image -> float32 [S, S, 1] integer pixel values in [0, 255] (pad: letterboxed).
 
+    The EXIF orientation is applied after the decode and before the resize, as the converter applies it
+    (exif_orientation; the serving graph refuses an image whose orientation it cannot read as PIL does).
     jpeg_quality: encode and decode the resized pixels as JPEG records at that quality are.
     """
-    image = _decode_source(encoded, image_size)
+    image = _transposed(_decode_source(encoded, image_size), exif_orientation(encoded)[0])
     pixels = _letterbox(image, image_size) if pad else _resize_rounded(image, image_size, image_size)
     if jpeg_quality is None:
         return pixels
