@@ -31,6 +31,10 @@ _NOISE = [re.compile(pattern) for pattern in (
     # oneDNN saying it leaves int32 ops (an index gather) to Eigen: a choice of kernel, not an error.
     r"^E\d{4} \d\d:\d\d:[\d.]+ +\d+ util\.cc:\d+\] oneDNN supports DT_INT32 only on platforms with AVX-512\. ",
     r"^To enable the following instructions: .*rebuild TensorFlow with the appropriate compiler flags\.$",
+    # tf.data dropping the partial contents of a file cache when an iterator ends before its input
+    # does (a failed run's shutdown, or an iterator TensorFlow makes and drops in the first epoch):
+    # the pipeline reads every split to its end, so the caches a run keeps are complete.
+    r"^W\d{4} \d\d:\d\d:[\d.]+ +\d+ cache_dataset_ops\.cc:\d+\] The calling iterator did not fully read the dataset being cached",
     # gRPC failing to listen: cxr-data-service reports it in one line naming --port and the port.
     r"^E\d{4} \d\d:\d\d:[\d.]+ +\d+ add_port\.cc:\d+\] Failed to add port to server",
 )]
