@@ -126,12 +126,14 @@ def serving_function(model: keras.Model, image_size: int, pad: bool = False, jpe
         is_jpeg, is_png, header_ok, hw, is_cmyk = imaging_in_graph.header_sizes(image_bytes, count, index)
         size_ok = (hw[:, 0] > 0) & (hw[:, 1] > 0) & (hw[:, 0] * hw[:, 1] <= max_pixels)
         # An EXIF orientation the graph cannot read as PIL does would be applied otherwise than the converter does.
-        orientation_readable = tf.map_fn(lambda b: imaging_in_graph.exif_orientation(b)[1], image_bytes,
-                                         fn_output_signature=tf.bool)
+        # Read once per image: decides admission here and is applied by the decode below.
+        orientation, orientation_readable = tf.map_fn(imaging_in_graph.exif_orientation, image_bytes,
+                                                      fn_output_signature=(tf.int32, tf.bool))
         admitted = header_ok & size_ok & ~is_cmyk & orientation_readable
-        decoded = tf.data.Dataset.from_tensor_slices(
-            (tf.boolean_mask(index, admitted), tf.boolean_mask(image_bytes, admitted)))
-        decoded = decoded.map(lambda i, b: (i, imaging_in_graph.decode_image_bytes(b, image_size, pad, jpeg_quality)),
+        decoded = tf.data.Dataset.from_tensor_slices((tf.boolean_mask(index, admitted),
+                                                      tf.boolean_mask(image_bytes, admitted),
+                                                      tf.boolean_mask(orientation, admitted)))
+        decoded = decoded.map(lambda i, b, o: (i, imaging_in_graph.decode_image_bytes(b, image_size, pad, jpeg_quality, o)),
                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
         # The sentinel's blank image also keeps the batch from being empty (oneDNN convolutions
         # fail on a zero-sized batch); its row is dropped below.

@@ -368,14 +368,17 @@ def _transposed(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
 
 
 def decode_image_bytes(encoded: tf.Tensor, image_size: int, pad: bool = False,
-                       jpeg_quality: int | None = None) -> tf.Tensor:
+                       jpeg_quality: int | None = None, orientation: tf.Tensor | None = None) -> tf.Tensor:
     """One encoded image -> float32 [S, S, 1] integer pixel values in [0, 255] (pad: letterboxed).
 
     The EXIF orientation is applied after the decode and before the resize, as the converter applies it
     (exif_orientation; the serving graph refuses an image whose orientation it cannot read as PIL does).
+    orientation: exif_orientation's value when the caller has read it already (read here otherwise).
     jpeg_quality: encode and decode the resized pixels as JPEG records at that quality are.
     """
-    image = _transposed(_decode_source(encoded, image_size), exif_orientation(encoded)[0])
+    if orientation is None:
+        orientation = exif_orientation(encoded)[0]
+    image = _transposed(_decode_source(encoded, image_size), orientation)
     pixels = _letterbox(image, image_size) if pad else _resize_rounded(image, image_size, image_size)
     if jpeg_quality is None:
         return pixels
