@@ -3,12 +3,14 @@ change (`images` is a fresh copy of the session's sample folder, `records` a fre
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 
 from tests import eval_fixtures
-from tests.binaries.safety_helpers import IMAGE_SIZE
+from tests.binaries.safety_helpers import IMAGE_SIZE, train_config
 from tests.helpers import write_tiny_dataset
 from tfrecords_builder import sample
 
@@ -38,3 +40,27 @@ def records(tmp_path):
     """A fresh tiny dataset per test: some tests rebuild or damage it."""
     write_tiny_dataset(tmp_path / "records", {"train": (6, 6), "val": (3, 3)}, image_size=IMAGE_SIZE)
     return tmp_path / "records"
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """(records, model dir) of one finished two-epoch frozen run, trained once; tests
+    read it or take `run_copy`."""
+    from cxr_tfdata.training import train
+
+    root = tmp_path_factory.mktemp("trained_run")
+    records = root / "records"
+    write_tiny_dataset(records, {"train": (6, 6), "val": (3, 3)}, image_size=IMAGE_SIZE)
+    model_dir = root / "run"
+    train.train_and_evaluate(train_config(records, model_dir, epochs=2, steps_per_epoch=1))
+    return records, model_dir
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    """A copy of the trained run for the test to change, its config.json naming the copy."""
+    records, model_dir = trained
+    copy = Path(shutil.copytree(model_dir, tmp_path / "run"))
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "model_dir": str(copy)}))  # the run, as if made here
+    return records, copy

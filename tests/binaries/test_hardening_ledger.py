@@ -1,42 +1,16 @@
 """cxr-train deletes only what its ledgers name: pending best models (`checkpoints/<stage>_pending_models.json`)
 and a non-chief worker's scratch checkpoints (`checkpoints/workertemp_<N>/worker_checkpoints.json`), never a
-file merely named like one. One tiny run is trained for the module; every test copies it first."""
+file merely named like one. One tiny run (tests/binaries/conftest.py) is trained; every test copies it first."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
-
-import pytest
 
 from cxr_tfdata.core import dataset_info
 from cxr_tfdata.training import run_files, run_ledger, stage_runner
-from tests.binaries.safety_helpers import IMAGE_SIZE, train_config
-from tests.helpers import write_tiny_dataset
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(records, model dir) of one finished two-epoch frozen run, trained once for the module."""
-    from cxr_tfdata.training import train
-
-    root = tmp_path_factory.mktemp("hardening_ledger")
-    records = root / "records"
-    write_tiny_dataset(records, {"train": (6, 6), "val": (3, 3)}, image_size=IMAGE_SIZE)
-    model_dir = root / "run"
-    train.train_and_evaluate(train_config(records, model_dir, epochs=2, steps_per_epoch=1))
-    return records, model_dir
-
-
-@pytest.fixture
-def run_copy(trained, tmp_path):
-    records, model_dir = trained
-    copy = Path(shutil.copytree(model_dir, tmp_path / "run"))
-    config = json.loads((copy / "config.json").read_text())
-    (copy / "config.json").write_text(json.dumps({**config, "model_dir": str(copy)}))  # the run, as if made here
-    return records, copy
+from tests.binaries.safety_helpers import train_config
 
 
 def _state(model_dir: Path) -> dict:

@@ -1,5 +1,5 @@
 """cxr-train hardening: checkpoint names are not ownership, locks follow symlinks, edited
-manifests and bad flags are refused before anything is written. One tiny run is trained for the module;
+manifests and bad flags are refused before anything is written. One tiny run (tests/binaries/conftest.py) is trained;
 every test copies it before changing anything."""
 
 from __future__ import annotations
@@ -15,35 +15,12 @@ from cxr_tfdata.core import dataset_info
 from cxr_tfdata.files import locking
 from cxr_tfdata.training import run_files, run_ledger
 from tests.binaries.safety_helpers import (
-    IMAGE_SIZE,
     one_error_line,
     run_binary,
     train_config,
     tree_snapshot,
 )
-from tests.helpers import lock_held_by_another_process, write_tiny_dataset
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(records, model dir) of one finished two-epoch frozen run, trained once for the module."""
-    from cxr_tfdata.training import train
-
-    root = tmp_path_factory.mktemp("hardening_train")
-    records = root / "records"
-    write_tiny_dataset(records, {"train": (6, 6), "val": (3, 3)}, image_size=IMAGE_SIZE)
-    model_dir = root / "run"
-    train.train_and_evaluate(train_config(records, model_dir, epochs=2, steps_per_epoch=1))
-    return records, model_dir
-
-
-@pytest.fixture
-def run_copy(trained, tmp_path):
-    records, model_dir = trained
-    copy = Path(shutil.copytree(model_dir, tmp_path / "run"))
-    config = json.loads((copy / "config.json").read_text())
-    (copy / "config.json").write_text(json.dumps({**config, "model_dir": str(copy)}))  # the run, as if made here
-    return records, copy
+from tests.helpers import lock_held_by_another_process
 
 
 def _users_files(checkpoints: Path) -> list[Path]:
