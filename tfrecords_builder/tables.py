@@ -58,10 +58,6 @@ class TableScan:
     summary: dict  # the manifest's "table" entry
 
 
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".") or name == "__MACOSX"
-
-
 class FolderIndex:
     """Every non-hidden file under a folder, walked once: by file name and by relative path."""
 
@@ -72,8 +68,8 @@ class FolderIndex:
         self.twice: dict[str, list[str]] = {}  # file name -> every relative path, for names found twice
         self.by_rel: dict[str, str] = {}  # relative path ("/"-separated) -> absolute path
         for folder, dirs, files in os.walk(root):
-            dirs[:] = sorted(d for d in dirs if not _is_hidden(d))
-            for name in sorted(f for f in files if not _is_hidden(f)):
+            dirs[:] = sorted(d for d in dirs if not folder_scan.is_hidden(d))
+            for name in sorted(f for f in files if not folder_scan.is_hidden(f)):
                 path = os.path.join(folder, name)
                 rel = os.path.relpath(path, root).replace(os.sep, "/")
                 self.by_rel[rel] = path

@@ -38,13 +38,13 @@ class SourceFile:
     patient_id_from_name: bool = False
 
 
-def _is_hidden(name: str) -> bool:
+def is_hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
 def _list_dir(path: str) -> list[os.DirEntry]:
     with os.scandir(path) as entries:
-        return sorted((e for e in entries if not _is_hidden(e.name)), key=lambda e: e.name)
+        return sorted((e for e in entries if not is_hidden(e.name)), key=lambda e: e.name)
 
 
 @dataclasses.dataclass(frozen=True)
