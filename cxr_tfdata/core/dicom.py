@@ -36,6 +36,7 @@ from pydicom import uid as dcm_uid
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from cxr_tfdata.core import imaging
 from cxr_tfdata.core.dicom_decode import _UID_PATTERN, _check_decoder, _decode, _int, _raw_text
 from cxr_tfdata.core.dicom_display import (  # noqa: F401  (re-exported: the module's public names)
     FALLBACK_PERCENTILES,
@@ -48,9 +49,7 @@ from cxr_tfdata.core.dicom_display import (  # noqa: F401  (re-exported: the mod
     window,
 )
 
-PREAMBLE_BYTES = 128
-MAGIC = b"DICM"
-HEADER_BYTES = PREAMBLE_BYTES + len(MAGIC)  # what is_dicom needs to see
+HEADER_BYTES = imaging.DICOM_HEADER_BYTES  # what is_dicom needs to see: the preamble and "DICM"
 # The same decompression-bomb limit as the converter's imaging module (Pillow's, ~9459 x 9459).
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
 
@@ -179,7 +178,7 @@ def is_dicom(source: str | os.PathLike | bytes | bytearray | memoryview) -> bool
     Data sets without the 128-byte preamble (not Part 10 files) are not recognised.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return bytes(source[PREAMBLE_BYTES:HEADER_BYTES]) == MAGIC
+        return imaging.is_dicom(bytes(source[:HEADER_BYTES]))
     try:
         fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError:
@@ -191,7 +190,7 @@ def is_dicom(source: str | os.PathLike | bytes | bytearray | memoryview) -> bool
         return False
     with os.fdopen(fd, "rb") as f:
         try:
-            return f.read(HEADER_BYTES)[PREAMBLE_BYTES:] == MAGIC
+            return imaging.is_dicom(f.read(HEADER_BYTES))
         except OSError:
             return False
 

@@ -45,6 +45,7 @@ _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 _EXIF_ORIENTATION_TAG = 0x0112
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _DICOM_MAGIC_OFFSET = 128  # "DICM" follows a DICOM file's 128-byte preamble
+DICOM_HEADER_BYTES = _DICOM_MAGIC_OFFSET + 4  # the bytes is_dicom needs to see
 # DICOM View Position (0018,5101) defined terms (PS3.3 C.8.11.5.1.1): what cxr-build-tfrecords --views takes.
 DICOM_VIEW_POSITIONS = ("AP", "PA", "LL", "RL", "RLD", "LLD", "RLO", "LLO")
 
@@ -128,7 +129,7 @@ def read_source(path: str, max_bytes: int = int(DEFAULT_MAX_FILE_MB * (1 << 20))
 
 def is_dicom(data: bytes) -> bool:
     """A DICOM Part 10 file, recognised by its content ("DICM" at byte 128), whatever its name."""
-    return data[_DICOM_MAGIC_OFFSET:_DICOM_MAGIC_OFFSET + 4] == b"DICM"
+    return data[_DICOM_MAGIC_OFFSET:DICOM_HEADER_BYTES] == b"DICM"
 
 
 def _open_dicom(data: bytes, draft_size: int | None) -> tuple[Image.Image, tuple[int, int]]:
