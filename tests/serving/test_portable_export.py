@@ -23,8 +23,10 @@ EXPORTS = {
     "onnx": ("onnx", "none", {}, 1e-5),
     "openvino": ("openvino", "none", {}, 1e-2),  # bfloat16 compute where the CPU has it
     "tflite": ("tflite", "none", {}, 1e-5),
-    "openvino_float16": ("openvino", "float16", {}, 1e-2),
-    "tflite_float16": ("tflite", "float16", {}, 1e-2),
+    # The guard's own behaviour has tests of its own below; here a conversion must round-trip. On 20 val
+    # images of a near-chance tiny model one swapped pair moves ROC-AUC by 0.007, past the default limit.
+    "openvino_float16": ("openvino", "float16", LOOSE, 1e-2),
+    "tflite_float16": ("tflite", "float16", LOOSE, 1e-2),
     "tflite_int8": ("tflite", "int8", LOOSE, None),
     "onnx_int8": ("onnx", "int8", LOOSE, None),
     "openvino_int8": ("openvino", "int8", LOOSE, None),
